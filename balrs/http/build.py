@@ -1,0 +1,148 @@
+"""Serialising heads: what goes upstream for a request, what goes to the client for a response, and
+the error responses balrs generates itself.
+
+A head without hop-by-hop fields is forwarded byte for byte, with balrs' own fields appended before
+its empty line; only a head that needs fields removed is rebuilt from its parsed fields.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+from .heads import CHUNKED, CLOSE_DELIMITED, LENGTH, RequestHead, ResponseHead
+
+__all__ = [
+    "REASONS", "VIA", "error_response", "upstream_request_head", "client_response_head",
+    "forwarded_suffix",
+]
+
+# RFC 9110 §7.6.3: a gateway sends Via in each request it forwards; "balrs" is our pseudonym.
+VIA = b"1.1 balrs"
+
+REASONS: Dict[int, bytes] = {
+    100: b"Continue", 101: b"Switching Protocols", 200: b"OK",
+    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    413: b"Content Too Large", 414: b"URI Too Long", 417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 501: b"Not Implemented",
+    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+# RFC 9110 §7.6.1: hop-by-hop fields, never forwarded (plus whatever Connection names).
+_REQUEST_DROP = frozenset([
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via",
+])
+_RESPONSE_DROP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"])
+
+_error_cache: Dict[Tuple[int, bool, bool], bytes] = {}
+
+
+def error_response(status: int, close: bool = True, head_only: bool = False) -> bytes:
+    """A complete response balrs sends itself (a small text body naming the status)."""
+    key = (status, close, head_only)
+    data = _error_cache.get(key)
+    if data is None:
+        reason = REASONS.get(status, b"Error")
+        body = b"%d %s\n" % (status, reason)
+        data = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s" % (
+            status, reason, len(body), b"Connection: close\r\n" if close else b"", b"" if head_only else body)
+        _error_cache[key] = data
+    return data
+
+
+def forwarded_suffix(client_ip: bytes) -> bytes:
+    """The fields balrs adds to every request of a client connection, except X-Forwarded-Host, which
+    depends on the request. Computed once per connection."""
+    return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nVia: %s\r\n" % (client_ip, VIA)
+
+
+def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, default_host: bytes) -> bytes:
+    """The request head sent to a backend: HTTP/1.1, hop-by-hop fields removed, X-Forwarded-For appended
+    to, X-Forwarded-Proto/Host replaced, Via appended to, Upgrade kept only when tunnelling."""
+    host = req.host
+    if not req.rewrite and host is not None:
+        # Fast path: an HTTP/1.1 head with nothing to remove or merge.
+        return b"%sX-Forwarded-Host: %s\r\n%s\r\n" % (req.raw[:-2], host, suffix)
+
+    drop = _REQUEST_DROP
+    if req.connection_tokens:
+        drop = drop.union(req.connection_tokens)
+    out: List[bytes] = [b"%s %s HTTP/1.1\r\n" % (req.method, req.target)]
+    xff: List[bytes] = []
+    via: List[bytes] = []
+    seen_framing = False
+    for name, lname, value in zip(req.names, req.lnames, req.values):
+        if lname in drop:
+            if lname == b"x-forwarded-for":
+                xff.append(value)
+            elif lname == b"via":
+                via.append(value)
+            continue
+        if lname == b"content-length" or lname == b"transfer-encoding":
+            # One canonical framing field (duplicates were validated as identical).
+            if not seen_framing:
+                seen_framing = True
+                if req.framing == LENGTH:
+                    out.append(b"Content-Length: %d\r\n" % req.length)
+                elif req.framing == CHUNKED:
+                    out.append(b"Transfer-Encoding: chunked\r\n")
+            continue
+        out.append(b"%s: %s\r\n" % (name, value))
+    if host is None:
+        # An HTTP/1.0 request may lack Host; HTTP/1.1 upstream needs one (RFC 9112 §3.2).
+        out.append(b"Host: %s\r\n" % default_host)
+    if req.upgrade is not None:
+        out.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade)
+    xff.append(client_ip)
+    out.append(b"X-Forwarded-For: %s\r\n" % b", ".join(xff))
+    out.append(b"X-Forwarded-Proto: http\r\n")
+    if host is not None:
+        out.append(b"X-Forwarded-Host: %s\r\n" % host)
+    via.append(VIA)
+    out.append(b"Via: %s\r\n\r\n" % b", ".join(via))
+    return b"".join(out)
+
+
+def client_response_head(resp: ResponseHead, framing: int, close: bool, client_minor: int,
+                         keep_upgrade: bool = False) -> bytes:
+    """The response head sent to the client.
+
+    ``framing`` is how balrs frames the body it sends (LENGTH, CHUNKED for a chunked or close-delimited
+    response to an HTTP/1.1 client, CLOSE_DELIMITED for HTTP/1.0 clients, NO_BODY). ``close``: balrs
+    closes the client connection after this response, so it says ``Connection: close``.
+    """
+    raw = resp.raw
+    extra: Optional[bytes] = None
+    if close:
+        extra = b"Connection: close\r\n"
+    elif client_minor == 0:
+        # RFC 9112 §9.3: an HTTP/1.0 client keeps the connection only when told so.
+        extra = b"Connection: keep-alive\r\n"
+    if framing == CHUNKED and resp.framing == CLOSE_DELIMITED:
+        extra = (extra or b"") + b"Transfer-Encoding: chunked\r\n"
+
+    if not resp.rewrite and framing == resp.framing:
+        if extra is None:
+            return raw
+        return b"%s%s\r\n" % (raw[:-2], extra)
+
+    drop = _RESPONSE_DROP
+    if keep_upgrade:
+        drop = drop.difference((b"upgrade", b"connection"))
+    if resp.connection_tokens:
+        drop = drop.union(t for t in resp.connection_tokens if t not in (b"upgrade",) or not keep_upgrade)
+    if framing != CHUNKED or resp.framing != CHUNKED:
+        # The body is re-framed (de-chunked for HTTP/1.0, or chunked for a close-delimited body).
+        drop = drop.union((b"transfer-encoding",))
+    if resp.framing in (CHUNKED, CLOSE_DELIMITED):
+        # RFC 9112 §6.3 step 3: Transfer-Encoding overrides a Content-Length, which must not be forwarded.
+        drop = drop.union((b"content-length",))
+    out: List[bytes] = [b"HTTP/1.1 %s" % raw[9:resp.line_end]]
+    for name, lname, value in zip(resp.names, resp.lnames, resp.values):
+        if lname not in drop:
+            out.append(b"%s: %s\r\n" % (name, value))
+    if extra is not None:
+        out.append(extra)
+    out.append(b"\r\n")
+    return b"".join(out)

@@ -1,0 +1,486 @@
+"""Message heads: finding where one ends, and parsing request and response heads (RFC 9112).
+
+Sans-IO: bytes in, objects out; nothing here owns a socket or a clock. Every malformed input raises
+:class:`ProtocolError` and nothing else.
+
+Parsing is built for the hot path (STYLE habits 3, 5): one split of the head into lines, C-level
+``bytes.translate`` passes for character validation, and a per-line loop that only does a
+``partition``. Header names and values are kept as received, so the proxy can forward a head
+unchanged when no hop-by-hop field needs removing (the common case) and rebuild it otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List, Optional
+
+from .errors import ProtocolError
+
+__all__ = [
+    "NO_BODY", "LENGTH", "CHUNKED", "CLOSE_DELIMITED",
+    "HeadBuffer", "RequestHead", "ResponseHead",
+    "parse_request_head", "parse_response_head",
+    "IDEMPOTENT_METHODS", "TCHARS",
+]
+
+# Body framing kinds (RFC 9112 §6.3).
+NO_BODY = 0
+LENGTH = 1
+CHUNKED = 2
+CLOSE_DELIMITED = 3  # responses only: the body runs until the backend closes
+
+# RFC 9110 §5.6.2: token = 1*tchar.
+TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# RFC 9110 §5.5: field-value octets are HTAB, SP, VCHAR and obs-text. CR, LF, NUL and every other CTL
+# are rejected, which also rejects bare CR and bare LF line endings inside the head (RFC 9112 §2.2 lets
+# a recipient reject them; normalising them is how smuggling starts).
+_FIELD_OCTETS = bytes([0x09]) + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+_DIGITS = b"0123456789"
+_CRLF_OCTETS = b"\r\n"
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: uri-host [ ":" port ]; reg-name, IPv4 and IP-literal characters.
+_HOST_OCTETS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~%!$&'()*+,;=:[]"
+
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version CRLF. One SP each, nothing else;
+# the target is VCHAR only (h11's request_target), so no whitespace or control byte can hide in it.
+_REQUEST_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
+# RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]. Servers that omit the
+# SP after the code are common enough to tolerate.
+_STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n")
+
+# RFC 9110 §9.2.2.
+IDEMPOTENT_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+
+# Fields a proxy must act on. Anything else is forwarded untouched.
+_H_HOST = 1
+_H_CONTENT_LENGTH = 2
+_H_TRANSFER_ENCODING = 3
+_H_CONNECTION = 4
+_H_UPGRADE = 5
+_H_EXPECT = 6
+_H_HOP = 7          # hop-by-hop by definition (RFC 9110 §7.6.1): removed when forwarding
+_H_FORWARDED = 8    # X-Forwarded-*, Via: rewritten by the proxy
+_REQUEST_SPECIAL = {
+    b"host": _H_HOST,
+    b"content-length": _H_CONTENT_LENGTH,
+    b"transfer-encoding": _H_TRANSFER_ENCODING,
+    b"connection": _H_CONNECTION,
+    b"upgrade": _H_UPGRADE,
+    b"expect": _H_EXPECT,
+    b"keep-alive": _H_HOP,
+    b"proxy-connection": _H_HOP,
+    b"te": _H_HOP,
+    b"trailer": _H_HOP,
+    b"x-forwarded-for": _H_FORWARDED,
+    b"x-forwarded-proto": _H_FORWARDED,
+    b"x-forwarded-host": _H_FORWARDED,
+    b"via": _H_FORWARDED,
+}
+_RESPONSE_SPECIAL = {
+    b"content-length": _H_CONTENT_LENGTH,
+    b"transfer-encoding": _H_TRANSFER_ENCODING,
+    b"connection": _H_CONNECTION,
+    b"upgrade": _H_UPGRADE,
+    b"keep-alive": _H_HOP,
+    b"proxy-connection": _H_HOP,
+    b"te": _H_HOP,
+    b"trailer": _H_HOP,
+}
+
+# A Content-Length needs at most 18 digits to stay below 2**63 (what nginx and HAProxy accept).
+_MAX_CONTENT_LENGTH_DIGITS = 18
+
+
+class HeadBuffer:
+    """Collects received bytes until a complete message head is there.
+
+    The search resumes where the last one stopped (h11's ReceiveBuffer), so a head fed one byte at a
+    time costs O(n). A head ends at its first empty line; a bare-LF empty line also ends it, so that
+    such a head is rejected at once rather than waited on. ``limit`` bounds the head (``max_header_bytes``):
+    past it :meth:`pop_head` raises 431, or 414 while the request line itself is still unfinished.
+    """
+
+    __slots__ = ("buf", "_scanned", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.buf = bytearray()
+        self._scanned = 0
+        self.limit = limit
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def feed(self, data: bytes) -> Optional[bytes]:
+        """Add received bytes; return a complete head (and keep what follows it) or None."""
+        buf = self.buf
+        if not buf and data[:1] not in b"\r\n":
+            # Fast path: nothing buffered and the head starts right away. Most requests arrive in one
+            # segment, so the head is sliced out of the received bytes without a copy into the buffer.
+            end = data.find(b"\n\r\n") + 3
+            if end > 2 and end <= self.limit:
+                if end == len(data):
+                    return data
+                buf += memoryview(data)[end:]
+                return data[:end]
+        buf += data
+        return self.pop_head()
+
+    def pop_head(self) -> Optional[bytes]:
+        """Return the next complete head from the buffer, or None if it is not complete yet."""
+        buf = self.buf
+        if buf and buf[0] in _CRLF_OCTETS:
+            # RFC 9112 §2.2: ignore empty lines received before the request-line.
+            n = len(buf) - len(buf.lstrip(b"\r\n"))
+            del buf[:n]
+            self._scanned = 0
+            if not buf:
+                return None
+        start = self._scanned
+        end = buf.find(b"\n\r\n", start) + 3
+        if end < 3:
+            end = buf.find(b"\n\n", start) + 2
+            if end < 2:
+                if len(buf) > self.limit:
+                    raise self._too_large()
+                self._scanned = max(0, len(buf) - 2)
+                return None
+        if end > self.limit:
+            raise self._too_large()
+        head = bytes(buf[:end])
+        del buf[:end]
+        self._scanned = 0
+        return head
+
+    def take(self) -> bytes:
+        """Remove and return everything buffered (body bytes or tunnel bytes after a head)."""
+        data = bytes(self.buf)
+        self.buf.clear()
+        self._scanned = 0
+        return data
+
+    def _too_large(self) -> ProtocolError:
+        limit = self.limit
+        first_line_end = self.buf.find(b"\n", 0, limit + 1)
+        if first_line_end < 0:
+            return ProtocolError(414, "request line longer than %d bytes" % limit)
+        return ProtocolError(431, "message head longer than %d bytes" % limit)
+
+
+def _split_fields(head: bytes, start: int, status: int) -> "tuple[List[bytes], List[bytes], List[bytes]]":
+    """Split the field lines of ``head`` (from ``start`` to the final CRLF) into names, values and
+    lowercased names, validating RFC 9110 §5 syntax. Raises ProtocolError(status)."""
+    if start == len(head) - 2:
+        return [], [], []
+    if not head.endswith(b"\r\n\r\n"):
+        raise ProtocolError(status, "head does not end with CRLF CRLF")
+    lines = head[start:-4].split(b"\r\n")
+    # Every octet of every line is a field octet: no CTL, no bare CR or LF (the CRLFs are split off).
+    if b"".join(lines).translate(None, _FIELD_OCTETS):
+        raise ProtocolError(status, "control character or bare CR/LF in the head")
+    names = []
+    values = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise ProtocolError(status, "field line without a colon")
+        names.append(name)
+        values.append(value.strip(b" \t"))
+    # RFC 9112 §5.1: no whitespace between name and colon; §5.2: obs-fold (a line starting with SP or
+    # HTAB) is rejected. Both leave a non-token byte in a name, as does an empty name.
+    joined = b"\n".join(names)
+    if joined.translate(None, TCHARS) != b"\n" * (len(names) - 1) or not all(names):
+        raise ProtocolError(status, "invalid field name (whitespace before colon, obs-fold or non-token)")
+    return names, values, joined.lower().split(b"\n")
+
+
+def _comma_list(values: List[bytes]) -> List[bytes]:
+    """RFC 9110 §5.6.1: the lowercased, non-empty elements of a list-based field's lines."""
+    out = []
+    for v in values:
+        for item in v.split(b","):
+            item = item.strip(b" \t")
+            if item:
+                out.append(item.lower())
+    return out
+
+
+def _content_length(values: List[bytes], status: int) -> int:
+    """RFC 9110 §8.6 / RFC 9112 §6.3 step 5: one decimal value; identical repeats are one value,
+    differing ones (a smuggling vector) are an error."""
+    found = -1
+    for v in values:
+        for item in v.split(b","):
+            item = item.strip(b" \t")
+            if not item or item.translate(None, _DIGITS) or len(item) > _MAX_CONTENT_LENGTH_DIGITS:
+                raise ProtocolError(status, "invalid Content-Length %r" % item[:40])
+            n = int(item)
+            if found >= 0 and n != found:
+                raise ProtocolError(status, "differing Content-Length values")
+            found = n
+    return found
+
+
+class RequestHead:
+    """A parsed request head. ``names``/``values``/``lnames`` hold the fields in order, as received
+    (``lnames`` lowercased). ``rewrite`` is False when the head can be forwarded as is, apart from the
+    fields the proxy appends (no hop-by-hop field, no X-Forwarded-*/Via to merge, HTTP/1.1)."""
+
+    __slots__ = (
+        "method", "target", "minor", "raw", "names", "values", "lnames", "host", "framing", "length",
+        "keep_alive", "expect_continue", "upgrade", "rewrite", "connection_tokens",
+    )
+
+    method: bytes
+    target: bytes
+    minor: int
+    raw: bytes
+    names: List[bytes]
+    values: List[bytes]
+    lnames: List[bytes]
+    host: Optional[bytes]
+    framing: int
+    length: int
+    keep_alive: bool
+    expect_continue: bool
+    upgrade: Optional[bytes]
+    rewrite: bool
+    connection_tokens: List[bytes]
+
+    @property
+    def idempotent(self) -> bool:
+        return self.method in IDEMPOTENT_METHODS
+
+    def header(self, lname: bytes) -> Optional[bytes]:
+        """The combined value of a field (by lowercased name), or None."""
+        vals = [v for n, v in zip(self.lnames, self.values) if n == lname]
+        return b", ".join(vals) if vals else None
+
+    def __repr__(self) -> str:
+        return "<RequestHead %s %s HTTP/1.%d>" % (self.method.decode("ascii"), self.target[:60].decode("ascii"),
+                                                 self.minor)
+
+
+def parse_request_head(head: bytes) -> RequestHead:
+    """Parse a complete request head (through its empty line). Raises ProtocolError with the status
+    a server answers: 400 malformed, 501 unsupported transfer coding, 505 HTTP version, 417 expectation."""
+    m = _REQUEST_LINE.match(head)
+    if m is None:
+        raise ProtocolError(400, "malformed request line")
+    method, target, major, minor_b = m.groups()
+    if major != b"1":
+        # RFC 9110 §15.6.6; HTTP/2 prior knowledge ("PRI * HTTP/2.0") lands here too.
+        raise ProtocolError(505, "HTTP version %s.%s not supported" % (major.decode(), minor_b.decode()))
+    # RFC 9110 §2.5: a 1.x recipient treats a higher minor version as the highest it supports.
+    minor = 0 if minor_b == b"0" else 1
+    names, values, lnames = _split_fields(head, m.end(), 400)
+
+    r = RequestHead()
+    r.method = method
+    r.target = target
+    r.minor = minor
+    r.raw = head
+    r.names = names
+    r.values = values
+    r.lnames = lnames
+    r.host = None
+    r.framing = NO_BODY
+    r.length = 0
+    r.keep_alive = minor == 1
+    r.expect_continue = False
+    r.upgrade = None
+    r.rewrite = minor == 0
+    r.connection_tokens = []
+
+    special = _REQUEST_SPECIAL
+    hits = [i for i, n in enumerate(lnames) if n in special]
+    if not hits:
+        if minor == 1:
+            raise ProtocolError(400, "HTTP/1.1 request without Host")
+        return r
+    cl_values: List[bytes] = []
+    te_values: List[bytes] = []
+    upgrade_values: List[bytes] = []
+    expect_values: List[bytes] = []
+    conn_values: List[bytes] = []
+    hosts = 0
+    for i in hits:
+        kind = special[lnames[i]]
+        if kind == _H_HOST:
+            hosts += 1
+            r.host = values[i]
+        elif kind == _H_CONTENT_LENGTH:
+            cl_values.append(values[i])
+        elif kind == _H_TRANSFER_ENCODING:
+            te_values.append(values[i])
+        elif kind == _H_CONNECTION:
+            conn_values.append(values[i])
+            r.rewrite = True
+        elif kind == _H_UPGRADE:
+            upgrade_values.append(values[i])
+            r.rewrite = True
+        elif kind == _H_EXPECT:
+            expect_values.append(values[i])
+        else:
+            r.rewrite = True
+
+    # RFC 9112 §3.2: exactly one Host in HTTP/1.1, with a valid value.
+    if hosts > 1:
+        raise ProtocolError(400, "more than one Host field")
+    if r.host is None:
+        if minor == 1:
+            raise ProtocolError(400, "HTTP/1.1 request without Host")
+    elif r.host.translate(None, _HOST_OCTETS):
+        raise ProtocolError(400, "invalid Host value")
+
+    if conn_values:
+        tokens = _comma_list(conn_values)
+        r.connection_tokens = tokens
+        if b"close" in tokens:
+            r.keep_alive = False
+        elif minor == 0 and b"keep-alive" in tokens:
+            r.keep_alive = True
+
+    # Framing, RFC 9112 §6.3 (requests).
+    if te_values:
+        if minor == 0:
+            # §6.1: Transfer-Encoding in an HTTP/1.0 message means its framing is faulty.
+            raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if cl_values:
+            # §6.3 step 3: TE and CL together look like smuggling; reject (the contract allows it).
+            raise ProtocolError(400, "both Transfer-Encoding and Content-Length")
+        codings = _comma_list(te_values)
+        if any(c != b"chunked" for c in codings):
+            # §6.1: a coding we do not understand -> 501 (this includes "gzip, chunked").
+            raise ProtocolError(501, "unsupported transfer coding")
+        if len(codings) != 1:
+            # §6.1: chunked applied more than once, or an empty field value.
+            raise ProtocolError(400, "invalid Transfer-Encoding")
+        r.framing = CHUNKED
+        if len(te_values) > 1:
+            r.rewrite = True
+    elif cl_values:
+        r.length = _content_length(cl_values, 400)
+        r.framing = LENGTH
+        if len(cl_values) > 1 or b"," in cl_values[0]:
+            r.rewrite = True
+
+    if expect_values:
+        expectations = _comma_list(expect_values)
+        if expectations != [b"100-continue"]:
+            # RFC 9110 §10.1.1: 417 for an expectation we cannot meet.
+            raise ProtocolError(417, "unsupported expectation")
+        # RFC 9110 §10.1.1: a 100-continue received in HTTP/1.0 is ignored.
+        r.expect_continue = minor == 1
+
+    if upgrade_values and minor == 1 and b"upgrade" in r.connection_tokens:
+        # RFC 9110 §7.8: Upgrade only counts when Connection names it, and never in HTTP/1.0.
+        r.upgrade = b", ".join(upgrade_values)
+    return r
+
+
+class ResponseHead:
+    """A parsed response head; ``framing`` follows RFC 9112 §6.3 for the request it answers."""
+
+    __slots__ = (
+        "status", "minor", "raw", "names", "values", "lnames", "framing", "length", "keep_alive",
+        "rewrite", "connection_tokens", "line_end",
+    )
+
+    status: int
+    minor: int
+    raw: bytes
+    names: List[bytes]
+    values: List[bytes]
+    lnames: List[bytes]
+    framing: int
+    length: int
+    keep_alive: bool
+    rewrite: bool
+    connection_tokens: List[bytes]
+    line_end: int
+
+    def header(self, lname: bytes) -> Optional[bytes]:
+        vals = [v for n, v in zip(self.lnames, self.values) if n == lname]
+        return b", ".join(vals) if vals else None
+
+    def __repr__(self) -> str:
+        return "<ResponseHead %d HTTP/1.%d>" % (self.status, self.minor)
+
+
+def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead:
+    """Parse a complete response head. ``head_request``: it answers a HEAD request (no body).
+    Raises ProtocolError(502, ...) for anything a proxy must not pass on."""
+    m = _STATUS_LINE.match(head)
+    if m is None:
+        raise ProtocolError(502, "malformed status line")
+    major, minor_b, status_b, _reason = m.groups()
+    if major != b"1":
+        raise ProtocolError(502, "backend answered in HTTP version %s" % major.decode())
+    status = int(status_b)
+    if status < 100:
+        raise ProtocolError(502, "status code %d" % status)
+    minor = 0 if minor_b == b"0" else 1
+    names, values, lnames = _split_fields(head, m.end(), 502)
+
+    r = ResponseHead()
+    r.status = status
+    r.minor = minor
+    r.raw = head
+    r.names = names
+    r.values = values
+    r.lnames = lnames
+    r.framing = NO_BODY
+    r.length = 0
+    r.keep_alive = minor == 1
+    r.rewrite = minor == 0
+    r.connection_tokens = []
+    r.line_end = m.end()
+
+    special = _RESPONSE_SPECIAL
+    cl_values: List[bytes] = []
+    te_values: List[bytes] = []
+    for i, n in enumerate(lnames):
+        kind = special.get(n)
+        if kind is None:
+            continue
+        if kind == _H_CONTENT_LENGTH:
+            cl_values.append(values[i])
+        elif kind == _H_TRANSFER_ENCODING:
+            te_values.append(values[i])
+        elif kind == _H_CONNECTION:
+            tokens = _comma_list([values[i]])
+            r.connection_tokens.extend(tokens)
+            r.rewrite = True
+        else:
+            r.rewrite = True
+    tokens = r.connection_tokens
+    if tokens:
+        if b"close" in tokens:
+            r.keep_alive = False
+        elif minor == 0 and b"keep-alive" in tokens:
+            r.keep_alive = True
+
+    # Framing, RFC 9112 §6.3 (responses).
+    if head_request or status < 200 or status == 204 or status == 304:
+        # Step 1: no content whatever the fields say (a response to HEAD keeps its Content-Length).
+        return r
+    if te_values:
+        # Step 3/4: TE overrides CL; chunked last means chunked, anything else reads until close.
+        codings = _comma_list(te_values)
+        if codings and codings[-1] == b"chunked":
+            if codings.count(b"chunked") != 1:
+                raise ProtocolError(502, "chunked applied more than once")
+            r.framing = CHUNKED
+        else:
+            r.framing = CLOSE_DELIMITED
+            r.keep_alive = False
+        return r
+    if cl_values:
+        r.length = _content_length(cl_values, 502)
+        r.framing = LENGTH
+        if len(cl_values) > 1 or b"," in cl_values[0]:
+            r.rewrite = True
+        return r
+    # Step 8: read until the server closes.
+    r.framing = CLOSE_DELIMITED
+    r.keep_alive = False
+    return r
