@@ -150,6 +150,19 @@ class HeadBuffer:
         self._scanned = 0
         return head
 
+    def split(self, data: bytes) -> Optional["tuple[bytes, bytes]"]:
+        """Like :meth:`feed`, but hand back what follows the head instead of keeping it:
+        (head, rest), or None while the head is incomplete (then everything is buffered)."""
+        if not self.buf and data[:1] not in b"\r\n":
+            end = data.find(b"\n\r\n") + 3
+            if end > 2 and end <= self.limit:
+                return data[:end], data[end:]
+        self.buf += data
+        head = self.pop_head()
+        if head is None:
+            return None
+        return head, self.take()
+
     def take(self) -> bytes:
         """Remove and return everything buffered (body bytes or tunnel bytes after a head)."""
         data = bytes(self.buf)

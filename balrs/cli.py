@@ -1,0 +1,129 @@
+"""Command line: ``python -m balrs [--check] [--listen ADDR] [--strategy NAME] lb.ini``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import resource
+import sys
+from typing import List, Optional, Sequence
+
+from . import __version__
+from .config import STRATEGIES, Config, ConfigError, load, parse_address
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("balrs")
+
+LOG_FORMAT = "%(asctime)s balrs[%(process)d] %(levelname)s: %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="balrs",
+        description="balrs: an HTTP/1.1 load balancer in pure Python. Runs in the foreground and logs to "
+                    "stderr; SIGTERM or SIGINT drains and exits 0.",
+    )
+    p.add_argument("config", metavar="lb.ini", help="the configuration file")
+    p.add_argument("--check", action="store_true",
+                   help="validate the configuration and exit (0 if valid, 2 with a file:line error if not)")
+    p.add_argument("--version", action="version", version="balrs %s" % __version__)
+    p.add_argument("--listen", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="listen here instead of [balancer] listen")
+    p.add_argument("--strategy", metavar="NAME", help="use this strategy instead of [balancer] strategy")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default: info)")
+    return p
+
+
+def apply_overrides(config: Config, listen: Optional[str], strategy: Optional[str]) -> Config:
+    """The configuration with command-line overrides applied. Raises ValueError with a message."""
+    if listen is not None:
+        addrs = []
+        for item in listen.split(","):
+            item = item.strip()
+            if item:
+                try:
+                    addrs.append(parse_address(item))
+                except ValueError as exc:
+                    raise ValueError("--listen %s: %s" % (item, exc)) from None
+        if not addrs:
+            raise ValueError("--listen: no address given")
+        config = dataclasses.replace(config, listen=tuple(addrs))
+    if strategy is not None:
+        canonical = STRATEGIES.get(strategy.lower())
+        if canonical is None:
+            raise ValueError("--strategy: unknown strategy %r (expected one of %s)"
+                             % (strategy, ", ".join(sorted(STRATEGIES))))
+        config = dataclasses.replace(config, strategy=canonical)
+    return config
+
+
+def _raise_fd_limit() -> None:
+    """Every client and backend connection is a file descriptor: use the hard limit."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def _log_inactive(config: Config) -> None:
+    """Keys that parse but whose feature is not in this version: said once, never silently ignored."""
+    if config.workers > 1:
+        log.warning("workers = %d is not active in this version; running one process", config.workers)
+    if config.health is not None:
+        log.warning("[health] checks are not active in this version; every backend counts as up")
+    if config.admin is not None:
+        log.warning("[admin] endpoint is not active in this version")
+    limited = [b.name for b in config.backends if b.max_connections]
+    if limited:
+        log.warning("backend max_connections is not active in this version (%s)", ", ".join(limited))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(args.config)
+        config = apply_overrides(config, args.listen, args.strategy)
+    except ConfigError as exc:
+        sys.stderr.write("%s\n" % exc)
+        return 2
+    except ValueError as exc:
+        sys.stderr.write("balrs: %s\n" % exc)
+        return 2
+    if args.check:
+        sys.stdout.write("%s: configuration OK (%d backend(s), strategy %s)\n"
+                         % (args.config, len(config.backends), config.strategy))
+        return 0
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format=LOG_FORMAT, stream=sys.stderr)
+    _raise_fd_limit()
+    _log_inactive(config)
+    return run(config)
+
+
+def run(config: Config) -> int:
+    from .server import Balancer
+    balancer = Balancer(config)
+    try:
+        balancer.listen()
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        return 1
+    balancer.install_signal_handlers()
+    log.info("balrs %s listening on %s; strategy %s; backends %s", __version__,
+             ", ".join(str(a) for a in config.listen), config.strategy,
+             ", ".join("%s=%s" % (b.name, b.address) for b in config.backends))
+    try:
+        return balancer.run()
+    finally:
+        balancer.reactor.close()
+
+
+def _main_entry(argv: Optional[List[str]] = None) -> None:
+    sys.exit(main(argv))

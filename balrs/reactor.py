@@ -1,0 +1,143 @@
+"""The event loop: one selector (epoll on Linux), one timer wheel, signal wake-ups.
+
+It knows nothing of HTTP. Connections register a file descriptor once with a callback taking the
+ready mask, and change the mask only when it really changes (STYLE habit 8). Each loop turn costs
+O(ready events + due timers), never O(connections): the select timeout is the time to the wheel's next
+occupied slot, so an idle balancer sleeps. Signal handlers only record: ``signal.set_wakeup_fd`` writes
+the signal number to a socket the loop watches, and the loop calls the handler between events
+(STYLE habit 11, like gunicorn's arbiter).
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import signal
+import socket
+import time
+from typing import Callable, Dict, List, Optional
+
+from .timerwheel import Timer, TimerWheel
+
+__all__ = ["Reactor", "EVENT_READ", "EVENT_WRITE", "IOCallback"]
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+IOCallback = Callable[[int], None]
+
+log = logging.getLogger("balrs")
+
+
+class Reactor:
+    """A single-threaded selectors reactor with an injected clock."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.clock = clock
+        self.now = clock()
+        self.wheel = TimerWheel(clock)
+        self._running = False
+        self._signal_handlers: Dict[int, Callable[[int], None]] = {}
+        self._wakeup_r: Optional[socket.socket] = None
+        self._wakeup_w: Optional[socket.socket] = None
+        self._old_wakeup_fd = -1
+        self._soon: List[Callable[[], object]] = []
+
+    # ---- file descriptors ------------------------------------------------------------------------
+    def register(self, fd: int, events: int, callback: IOCallback) -> None:
+        self.selector.register(fd, events, callback)
+
+    def modify(self, fd: int, events: int, callback: IOCallback) -> None:
+        self.selector.modify(fd, events, callback)
+
+    def unregister(self, fd: int) -> None:
+        self.selector.unregister(fd)
+
+    # ---- time ------------------------------------------------------------------------------------
+    def call_at(self, when: float, callback: Callable[[], object]) -> Timer:
+        return self.wheel.call_at(when, callback)
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
+        return self.wheel.call_at(self.now + delay, callback)
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` after the current batch of events (used to break re-entrancy)."""
+        self._soon.append(callback)
+
+    # ---- signals ---------------------------------------------------------------------------------
+    def add_signal_handler(self, signum: int, handler: Callable[[int], None]) -> None:
+        """Call ``handler(signum)`` from the loop when the signal arrives. Main thread only."""
+        if self._wakeup_r is None:
+            r, w = socket.socketpair()
+            r.setblocking(False)
+            w.setblocking(False)
+            self._wakeup_r, self._wakeup_w = r, w
+            self._old_wakeup_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+            self.register(r.fileno(), EVENT_READ, self._on_wakeup)
+        self._signal_handlers[signum] = handler
+        # The Python-level handler does nothing: the C handler has already written the signal number to
+        # the wake-up socket, and the loop dispatches it (handlers only record).
+        signal.signal(signum, _record_only)
+
+    def remove_signal_handlers(self) -> None:
+        for signum in list(self._signal_handlers):
+            signal.signal(signum, signal.SIG_DFL)
+        self._signal_handlers.clear()
+        if self._wakeup_r is not None and self._wakeup_w is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            self.unregister(self._wakeup_r.fileno())
+            self._wakeup_r.close()
+            self._wakeup_w.close()
+            self._wakeup_r = self._wakeup_w = None
+
+    def _on_wakeup(self, mask: int) -> None:
+        assert self._wakeup_r is not None
+        try:
+            data = self._wakeup_r.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            handler = self._signal_handlers.get(signum)
+            if handler is not None:
+                handler(signum)
+
+    # ---- running ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        """Run until :meth:`stop`. Each turn: select until the next timer is due, dispatch ready file
+        descriptors, then fire due timers."""
+        self._running = True
+        select = self.selector.select
+        wheel = self.wheel
+        clock = self.clock
+        soon = self._soon
+        while self._running:
+            timeout = 0.0 if soon else wheel.next_timeout(self.now)
+            events = select(timeout)
+            self.now = now = clock()
+            for key, mask in events:
+                try:
+                    key.data(mask)
+                except Exception:
+                    # Connections handle their own errors; this is the backstop that keeps the loop alive.
+                    log.exception("unhandled error in an I/O callback")
+            if soon:
+                batch = soon[:]
+                del soon[:]
+                for cb in batch:
+                    try:
+                        cb()
+                    except Exception:
+                        log.exception("unhandled error in a deferred callback")
+            wheel.run(now)
+
+    def close(self) -> None:
+        self.remove_signal_handlers()
+        self.selector.close()
+
+
+def _record_only(signum: int, frame: object) -> None:
+    """Signal handler: nothing to do here; set_wakeup_fd already told the loop."""

@@ -1,0 +1,268 @@
+"""The balancer: listeners, accepting, the upstream connection pool, counters, graceful stop.
+
+One ``Balancer`` runs on one reactor (one thread, one process). It owns the sockets' lifecycle but not
+the protocol: accepted sockets become ``ClientConn``s, and backend connections ``UpstreamConn``s.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .config import Address, Config
+from .pool import Backend, Pool
+from .proxy import U_IDLE, ClientConn, UpstreamConn
+from .reactor import EVENT_READ, Reactor
+from .timerwheel import Timer
+
+__all__ = ["Balancer", "bind_listener"]
+
+log = logging.getLogger("balrs")
+
+# Accepts per readiness event before the loop serves the connections it already has (CPython's
+# asyncio accepts up to backlog per event; a bound keeps a connection storm from starving the rest).
+ACCEPT_BATCH = 64
+# Listen backlog (the kernel caps it at net.core.somaxconn): connections above max_connections wait here.
+LISTEN_BACKLOG = 4096
+# After EMFILE/ENFILE, stop accepting this long instead of spinning on a listener we cannot serve
+# (CPython's _accept_connection backs off 1s; shorter recovers faster once descriptors free up).
+ACCEPT_BACKOFF = 0.1
+# The largest response head balrs accepts from a backend (HAProxy bufsize is 16 KiB; nginx
+# proxy_buffer_size 4-8 KiB); past it the answer is 502.
+MAX_RESPONSE_HEAD = 65536
+
+
+def bind_listener(addr: Address, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening socket for ``addr``. Raises OSError naming the address."""
+    infos = socket.getaddrinfo(addr.host, addr.port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP,
+                               socket.AI_PASSIVE)
+    family, _type, _proto, _canon, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # Each listen address is its own socket; do not also grab the IPv4 port.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, "cannot listen on %s: %s" % (addr, exc.strerror or exc)) from None
+    return sock
+
+
+class Balancer:
+    """Everything one balrs process serves with."""
+
+    def __init__(self, config: Config, reactor: Optional[Reactor] = None) -> None:
+        self.reactor = reactor if reactor is not None else Reactor()
+        self.selector = self.reactor.selector
+        self.config = config
+        self.pool = Pool(config.backends, _active_strategy(config.strategy))
+        self.clients: Dict[ClientConn, None] = {}
+        self.listeners: List[Tuple[socket.socket, Address]] = []
+        self.listening = False
+        self.draining = False
+        self.stopped = False
+        self.exit_code = 0
+        self._drain_timer: Optional[Timer] = None
+        self._accept_timer: Optional[Timer] = None
+        # Counters (the admin endpoint reports them).
+        self.responses: Dict[int, int] = {}
+        self.accepted = 0
+        self._apply_settings(config)
+
+    def _apply_settings(self, c: Config) -> None:
+        # Copied to plain attributes: connections read them on every request.
+        self.connect_timeout = c.connect_timeout
+        self.header_timeout = c.header_timeout
+        self.client_timeout = c.client_timeout
+        self.backend_timeout = c.backend_timeout
+        self.tunnel_timeout = c.tunnel_timeout
+        self.retries = c.retries
+        self.max_connections = c.max_connections
+        self.max_header_bytes = c.max_header_bytes
+        self.max_body_bytes = c.max_body_bytes
+        self.drain_timeout = c.drain_timeout
+        self.max_response_head = max(MAX_RESPONSE_HEAD, c.max_header_bytes)
+        # Pipelined requests buffered while one is answered: one full head plus one read.
+        self.pipeline_limit = c.max_header_bytes + 65536
+        # How often a connection with no deadline of its own looks at its state again.
+        self.check_interval = min(c.client_timeout, c.header_timeout, c.backend_timeout)
+
+    # ---- listening -------------------------------------------------------------------------------
+    def listen(self, sockets: Optional[List[socket.socket]] = None, reuse_port: bool = False) -> None:
+        """Bind every ``listen`` address (or adopt already bound ``sockets``) and start accepting."""
+        if sockets is None:
+            bound: List[Tuple[socket.socket, Address]] = []
+            try:
+                for addr in self.config.listen:
+                    bound.append((bind_listener(addr, reuse_port), addr))
+            except OSError:
+                for s, _a in bound:
+                    s.close()
+                raise
+            self.listeners = bound
+        else:
+            self.listeners = list(zip(sockets, self.config.listen))
+        self._start_accepting()
+
+    def _start_accepting(self) -> None:
+        if self.listening or self.draining:
+            return
+        for sock, _addr in self.listeners:
+            self.reactor.register(sock.fileno(), EVENT_READ, self._make_acceptor(sock))
+        self.listening = True
+
+    def _stop_accepting(self) -> None:
+        if not self.listening:
+            return
+        for sock, _addr in self.listeners:
+            try:
+                self.reactor.unregister(sock.fileno())
+            except (KeyError, ValueError):
+                pass
+        self.listening = False
+
+    def _make_acceptor(self, lsock: socket.socket) -> Callable[[int], None]:
+        def on_accept(mask: int) -> None:
+            self._accept(lsock)
+        return on_accept
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept: %s; pausing accepts for %gs", exc.strerror, ACCEPT_BACKOFF)
+                    self._stop_accepting()
+                    self._accept_timer = self.reactor.call_later(ACCEPT_BACKOFF, self._resume_accepting)
+                else:
+                    log.error("accept: %s", exc)
+                return
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn = ClientConn(self, sock, addr[0])
+            except OSError as exc:
+                log.warning("accepted connection failed: %s", exc)
+                sock.close()
+                continue
+            self.clients[conn] = None
+            self.accepted += 1
+            if len(self.clients) >= self.max_connections:
+                # Above max_connections new connections wait in the kernel's accept backlog.
+                self._stop_accepting()
+                return
+
+    def _resume_accepting(self) -> None:
+        self._accept_timer = None
+        if len(self.clients) < self.max_connections:
+            self._start_accepting()
+
+    def client_closed(self, conn: ClientConn) -> None:
+        self.clients.pop(conn, None)
+        if self.draining:
+            if not self.clients:
+                self._finish_drain()
+        elif not self.listening and self._accept_timer is None and len(self.clients) < self.max_connections:
+            self._start_accepting()
+
+    # ---- backends ----------------------------------------------------------------------------------
+    def checkout(self, backend: Backend, fresh: bool = False) -> UpstreamConn:
+        """An idle pooled connection to ``backend`` (most recently used first), or a new one."""
+        if not fresh:
+            idle = backend.idle
+            while idle:
+                up, _ = idle.popitem()
+                if up.state == U_IDLE:
+                    return up
+        return UpstreamConn(self, backend)
+
+    def count_response(self, status: int) -> None:
+        responses = self.responses
+        responses[status] = responses.get(status, 0) + 1
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        self.reactor.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
+        self.reactor.add_signal_handler(signal.SIGINT, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int) -> None:
+        if self.draining:
+            if signum == signal.SIGINT:
+                log.warning("second SIGINT: stopping now")
+                self.stop()
+            return
+        log.info("%s: draining (up to %gs)", signal.Signals(signum).name, self.drain_timeout)
+        self.drain()
+
+    def drain(self) -> None:
+        """Stop accepting, close idle connections, let requests in flight finish (up to drain_timeout)."""
+        if self.draining:
+            return
+        self._stop_accepting()
+        self.draining = True
+        for sock, _addr in self.listeners:
+            sock.close()
+        self.listeners = []
+        for backend in self.pool.backends:
+            for up in list(backend.idle):
+                up.close()
+        for conn in list(self.clients):
+            conn.drain()
+        if not self.clients:
+            self._finish_drain()
+            return
+        self._drain_timer = self.reactor.call_later(self.drain_timeout, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        self._drain_timer = None
+        log.warning("drain_timeout: closing %d connection(s) still open", len(self.clients))
+        self.stop()
+
+    def _finish_drain(self) -> None:
+        log.info("drained; exiting")
+        self.stop()
+
+    def stop(self) -> None:
+        """Close everything now and stop the loop."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self._stop_accepting()
+        for sock, _addr in self.listeners:
+            sock.close()
+        self.listeners = []
+        for conn in list(self.clients):
+            conn.abort()
+        for backend in self.pool.backends:
+            for up in list(backend.idle):
+                up.close()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self.reactor.stop()
+
+    def run(self) -> int:
+        self.reactor.run()
+        return self.exit_code
+
+
+def _active_strategy(name: str) -> str:
+    """The strategy to run; those that land in a later release fall back to round robin (logged)."""
+    from .strategies import STRATEGY_CLASSES
+    if name in STRATEGY_CLASSES:
+        return name
+    log.warning("strategy %s is not implemented yet; using round_robin", name)
+    return "round_robin"
