@@ -34,6 +34,10 @@ _REQUEST_DROP = frozenset([
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via",
 ])
 _RESPONSE_DROP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"])
+# Fields that Connection may name but that are never dropped for it: without its framing field a message's
+# body would be read as the next message (smuggling), and an HTTP/1.1 request needs its Host.
+_REQUEST_KEEP = frozenset([b"host", b"content-length", b"transfer-encoding"])
+_RESPONSE_KEEP = frozenset([b"content-length", b"transfer-encoding"])
 
 _error_cache: Dict[Tuple[int, bool, bool], bytes] = {}
 
@@ -67,17 +71,20 @@ def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, def
 
     drop = _REQUEST_DROP
     if req.connection_tokens:
-        drop = drop.union(req.connection_tokens)
+        drop = drop.union(req.connection_tokens).difference(_REQUEST_KEEP)
     out: List[bytes] = [b"%s %s HTTP/1.1\r\n" % (req.method, req.target)]
     xff: List[bytes] = []
     via: List[bytes] = []
     seen_framing = False
     for name, lname, value in zip(req.names, req.lnames, req.values):
         if lname in drop:
+            # An empty value would start the list with an empty element.
             if lname == b"x-forwarded-for":
-                xff.append(value)
+                if value:
+                    xff.append(value)
             elif lname == b"via":
-                via.append(value)
+                if value:
+                    via.append(value)
             continue
         if lname == b"content-length" or lname == b"transfer-encoding":
             # One canonical framing field (duplicates were validated as identical).
@@ -122,7 +129,7 @@ def client_response_head(resp: ResponseHead, framing: int, close: bool, client_m
     if framing == CHUNKED and resp.framing == CLOSE_DELIMITED:
         extra = (extra or b"") + b"Transfer-Encoding: chunked\r\n"
 
-    if not resp.rewrite and framing == resp.framing:
+    if not resp.rewrite and framing == resp.framing and not (extra is not None and resp.has_connection):
         if extra is None:
             return raw
         return b"%s%s\r\n" % (raw[:-2], extra)
@@ -131,16 +138,29 @@ def client_response_head(resp: ResponseHead, framing: int, close: bool, client_m
     if keep_upgrade:
         drop = drop.difference((b"upgrade", b"connection"))
     if resp.connection_tokens:
-        drop = drop.union(t for t in resp.connection_tokens if t not in (b"upgrade",) or not keep_upgrade)
+        drop = drop.union(t for t in resp.connection_tokens
+                          if (t != b"upgrade" or not keep_upgrade) and t not in _RESPONSE_KEEP)
     if framing != CHUNKED or resp.framing != CHUNKED:
-        # The body is re-framed (de-chunked for HTTP/1.0, or chunked for a close-delimited body).
-        drop = drop.union((b"transfer-encoding",))
+        # The body is re-framed (de-chunked for HTTP/1.0, or chunked for a close-delimited body). A coding
+        # balrs does not decode ("gzip") must stay listed when chunked is added after it (RFC 9112 §6.1);
+        # only an HTTP/1.0 client, which cannot be sent Transfer-Encoding, goes without.
+        te = resp.header(b"transfer-encoding") if framing == CHUNKED else None
+        if te is None or b"chunked" in te.lower():
+            drop = drop.union((b"transfer-encoding",))
     if resp.framing in (CHUNKED, CLOSE_DELIMITED):
         # RFC 9112 §6.3 step 3: Transfer-Encoding overrides a Content-Length, which must not be forwarded.
         drop = drop.union((b"content-length",))
+    # RFC 9110 §8.6: repeated identical Content-Length values ("5, 5" or several lines) go out as one.
+    length_line: Optional[bytes] = None
+    if resp.framing == LENGTH and framing == LENGTH:
+        length_line = b"Content-Length: %d\r\n" % resp.length
     out: List[bytes] = [b"HTTP/1.1 %s" % raw[9:resp.line_end]]
     for name, lname, value in zip(resp.names, resp.lnames, resp.values):
         if lname not in drop:
+            if length_line is not None and lname == b"content-length":
+                out.append(length_line)
+                length_line = b""
+                continue
             out.append(b"%s: %s\r\n" % (name, value))
     if extra is not None:
         out.append(extra)

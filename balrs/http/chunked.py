@@ -54,8 +54,8 @@ class ChunkedDecoder:
     ``max_body`` (0 = none) raises 413 as soon as the declared chunk sizes pass it.
     """
 
-    __slots__ = ("_state", "_remaining", "_line", "total", "max_body", "trailers", "_trailer_limit",
-                 "_error_status")
+    __slots__ = ("_state", "_remaining", "_line", "total", "max_body", "trailers", "_trailer_buf",
+                 "_trailer_limit", "_error_status")
 
     def __init__(self, max_body: int = 0, trailer_limit: int = 65536, error_status: int = 400) -> None:
         self._state = _SIZE
@@ -63,7 +63,9 @@ class ChunkedDecoder:
         self._line = bytearray()
         self.total = 0
         self.max_body = max_body
-        self.trailers = b""          # validated trailer field lines, each ending in CRLF
+        self.trailers = b""          # validated trailer field lines, each ending in CRLF (set when done)
+        # Collected here: ``bytes +=`` per line would copy the whole section each time (quadratic).
+        self._trailer_buf = bytearray()
         self._trailer_limit = trailer_limit
         self._error_status = error_status
 
@@ -143,15 +145,17 @@ class ChunkedDecoder:
     def _trailer_line(self, line: bytes) -> None:
         if line == b"\r\n":
             self._state = _DONE
+            if self._trailer_buf:
+                self.trailers = bytes(self._trailer_buf)
             return
         if not line.endswith(b"\r\n"):
             raise self._error("trailer line without CRLF")
         name, colon, value = line[:-2].partition(b":")
         if not colon or not name or name.translate(None, TCHARS) or value.translate(None, _FIELD_OCTETS):
             raise self._error("invalid trailer field")
-        if len(self.trailers) + len(line) > self._trailer_limit:
+        if len(self._trailer_buf) + len(line) > self._trailer_limit:
             raise self._error("trailer section too large")
-        self.trailers += line
+        self._trailer_buf += line
 
     def _error(self, message: str) -> ProtocolError:
         return ProtocolError(self._error_status, message)

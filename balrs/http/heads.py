@@ -86,6 +86,9 @@ _RESPONSE_SPECIAL = {
     b"trailer": _H_HOP,
 }
 
+# RFC 9112 §2.2: empty lines before a request-line are ignored; a C-level match finds where they end.
+_LEADING_EMPTY_LINES = re.compile(rb"[\r\n]*")
+
 # A Content-Length needs at most 18 digits to stay below 2**63 (what nginx and HAProxy accept).
 _MAX_CONTENT_LENGTH_DIGITS = 18
 
@@ -112,7 +115,9 @@ class HeadBuffer:
     def feed(self, data: bytes) -> Optional[bytes]:
         """Add received bytes; return a complete head (and keep what follows it) or None."""
         buf = self.buf
-        if not buf and data[:1] not in b"\r\n":
+        # (data[0] compared as an int: `bytes in bytes` first tries the operand as an integer and
+        # builds a TypeError it then discards, on every call.)
+        if not buf and data and data[0] != 13 and data[0] != 10:
             # Fast path: nothing buffered and the head starts right away. Most requests arrive in one
             # segment, so the head is sliced out of the received bytes without a copy into the buffer.
             end = data.find(b"\n\r\n") + 3
@@ -128,9 +133,11 @@ class HeadBuffer:
         """Return the next complete head from the buffer, or None if it is not complete yet."""
         buf = self.buf
         if buf and buf[0] in _CRLF_OCTETS:
-            # RFC 9112 §2.2: ignore empty lines received before the request-line.
-            n = len(buf) - len(buf.lstrip(b"\r\n"))
-            del buf[:n]
+            # RFC 9112 §2.2: ignore empty lines received before the request-line. (Not lstrip: that
+            # copies the whole buffer, pipelined requests included, once per head.)
+            m = _LEADING_EMPTY_LINES.match(buf)
+            assert m is not None  # the pattern matches the empty string
+            del buf[:m.end()]
             self._scanned = 0
             if not buf:
                 return None
@@ -144,7 +151,12 @@ class HeadBuffer:
                 self._scanned = max(0, len(buf) - 2)
                 return None
         if end > self.limit:
-            raise self._too_large()
+            # A bare-LF empty line before the CRLF one ends the head first, as it does when the bytes
+            # come one at a time: return that (malformed, so rejected) head, not 431, whatever the
+            # segmentation.
+            end = buf.find(b"\n\n", start, end) + 2
+            if end < 2 or end > self.limit:
+                raise self._too_large()
         head = bytes(buf[:end])
         del buf[:end]
         self._scanned = 0
@@ -153,7 +165,7 @@ class HeadBuffer:
     def split(self, data: bytes) -> Optional["tuple[bytes, bytes]"]:
         """Like :meth:`feed`, but hand back what follows the head instead of keeping it:
         (head, rest), or None while the head is incomplete (then everything is buffered)."""
-        if not self.buf and data[:1] not in b"\r\n":
+        if not self.buf and data and data[0] != 13 and data[0] != 10:
             end = data.find(b"\n\r\n") + 3
             if end > 2 and end <= self.limit:
                 return data[:end], data[end:]
@@ -181,10 +193,10 @@ class HeadBuffer:
 def _split_fields(head: bytes, start: int, status: int) -> "tuple[List[bytes], List[bytes], List[bytes]]":
     """Split the field lines of ``head`` (from ``start`` to the final CRLF) into names, values and
     lowercased names, validating RFC 9110 §5 syntax. Raises ProtocolError(status)."""
-    if start == len(head) - 2:
-        return [], [], []
     if not head.endswith(b"\r\n\r\n"):
         raise ProtocolError(status, "head does not end with CRLF CRLF")
+    if start == len(head) - 2:
+        return [], [], []
     lines = head[start:-4].split(b"\r\n")
     # Every octet of every line is a field octet: no CTL, no bare CR or LF (the CRLFs are split off).
     if b"".join(lines).translate(None, _FIELD_OCTETS):
@@ -219,6 +231,10 @@ def _comma_list(values: List[bytes]) -> List[bytes]:
 def _content_length(values: List[bytes], status: int) -> int:
     """RFC 9110 §8.6 / RFC 9112 §6.3 step 5: one decimal value; identical repeats are one value,
     differing ones (a smuggling vector) are an error."""
+    if len(values) == 1:
+        v = values[0]
+        if v.isdigit() and len(v) <= _MAX_CONTENT_LENGTH_DIGITS:
+            return int(v)
     found = -1
     for v in values:
         for item in v.split(b","):
@@ -300,7 +316,8 @@ def parse_request_head(head: bytes) -> RequestHead:
     r.keep_alive = minor == 1
     r.expect_continue = False
     r.upgrade = None
-    r.rewrite = minor == 0
+    # Forwarded as HTTP/1.1: a 1.0 (or 1.2, ...) request line is rewritten.
+    r.rewrite = minor_b != b"1"
     r.connection_tokens = []
 
     special = _REQUEST_SPECIAL
@@ -368,12 +385,14 @@ def parse_request_head(head: bytes) -> RequestHead:
             # §6.1: chunked applied more than once, or an empty field value.
             raise ProtocolError(400, "invalid Transfer-Encoding")
         r.framing = CHUNKED
-        if len(te_values) > 1:
+        if len(te_values) > 1 or te_values[0] != b"chunked":
+            # Forward one canonical "chunked": a backend may not read "Chunked" or ", chunked" as we do.
             r.rewrite = True
     elif cl_values:
         r.length = _content_length(cl_values, 400)
         r.framing = LENGTH
-        if len(cl_values) > 1 or b"," in cl_values[0]:
+        if len(cl_values) > 1 or cl_values[0] != b"%d" % r.length:
+            # Duplicates ("5, 5"), leading zeros: forward one canonical value.
             r.rewrite = True
 
     if expect_values:
@@ -395,7 +414,7 @@ class ResponseHead:
 
     __slots__ = (
         "status", "minor", "raw", "names", "values", "lnames", "framing", "length", "keep_alive",
-        "rewrite", "connection_tokens", "line_end",
+        "rewrite", "connection_tokens", "line_end", "has_connection",
     )
 
     status: int
@@ -410,6 +429,7 @@ class ResponseHead:
     rewrite: bool
     connection_tokens: List[bytes]
     line_end: int
+    has_connection: bool
 
     def header(self, lname: bytes) -> Optional[bytes]:
         vals = [v for n, v in zip(self.lnames, self.values) if n == lname]
@@ -444,9 +464,10 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
     r.framing = NO_BODY
     r.length = 0
     r.keep_alive = minor == 1
-    r.rewrite = minor == 0
+    r.rewrite = minor_b != b"1"  # the status line goes out as HTTP/1.1
     r.connection_tokens = []
     r.line_end = m.end()
+    r.has_connection = False
 
     special = _RESPONSE_SPECIAL
     cl_values: List[bytes] = []
@@ -460,9 +481,15 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
         elif kind == _H_TRANSFER_ENCODING:
             te_values.append(values[i])
         elif kind == _H_CONNECTION:
-            tokens = _comma_list([values[i]])
-            r.connection_tokens.extend(tokens)
-            r.rewrite = True
+            r.has_connection = True
+            value = values[i].lower()
+            if value == b"keep-alive":
+                # What balrs says itself to a client it keeps: "replace it with the intermediary's own
+                # control options" (RFC 9110 §7.6.1) needs no rewrite then.
+                r.connection_tokens.append(value)
+            else:
+                r.connection_tokens.extend(_comma_list([value]))
+                r.rewrite = True
         else:
             r.rewrite = True
     tokens = r.connection_tokens
@@ -486,11 +513,20 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
         else:
             r.framing = CLOSE_DELIMITED
             r.keep_alive = False
+            r.rewrite = True  # an HTTP/1.0 client must not see Transfer-Encoding (§6.1)
+        if cl_values:
+            # Step 3: the Content-Length must be removed before forwarding, and the connection is not
+            # reused after such a message (§6.1).
+            r.rewrite = True
+            r.keep_alive = False
+        elif minor == 0:
+            # §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing: close after this message.
+            r.keep_alive = False
         return r
     if cl_values:
         r.length = _content_length(cl_values, 502)
         r.framing = LENGTH
-        if len(cl_values) > 1 or b"," in cl_values[0]:
+        if len(cl_values) > 1 or cl_values[0] != b"%d" % r.length:
             r.rewrite = True
         return r
     # Step 8: read until the server closes.
