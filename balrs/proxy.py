@@ -29,7 +29,7 @@ from .http.heads import (
     CHUNKED, CLOSE_DELIMITED, LENGTH, NO_BODY, HeadBuffer, RequestHead, ResponseHead, parse_request_head,
     parse_response_head,
 )
-from .reactor import EVENT_READ, EVENT_WRITE
+from .reactor import EVENT_READ, EVENT_WRITE, Reactor
 from .timerwheel import Timer
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ log = logging.getLogger("balrs")
 CLIENT_RECV_SIZE = 65536
 # Bytes read per recv() from a backend: large responses are the bulk of the traffic a proxy moves, and
 # fewer, larger reads are what makes streaming fast (nginx proxy_buffers total 32-64 KiB per request).
-UPSTREAM_RECV_SIZE = 262144
+UPSTREAM_RECV_SIZE = 131072
 # Write queue above which the other side stops being read, and below which it resumes (asyncio's
 # transports use 64 KiB / 16 KiB; larger marks keep big transfers at full speed).
 HIGH_WATER = 262144
@@ -116,10 +116,11 @@ class _Stream:
     """What both sides share: a non-blocking socket, one selector registration, a write queue with
     backpressure, and one lazily re-armed timer."""
 
-    __slots__ = ("srv", "sock", "fd", "events", "_io", "out", "out_bytes", "state", "timer", "timer_when",
-                 "_timer_cb", "last_write", "wr_closed", "__weakref__")
+    __slots__ = ("srv", "reactor", "sock", "fd", "events", "_io", "out", "out_bytes", "state", "timer",
+                 "timer_when", "_timer_cb", "last_write", "wr_closed", "__weakref__")
 
     srv: Balancer
+    reactor: Reactor
     sock: socket.socket
     fd: int
     events: int
@@ -132,6 +133,7 @@ class _Stream:
 
     def _init_stream(self, srv: Balancer, sock: socket.socket) -> None:
         self.srv = srv
+        self.reactor = srv.reactor
         self.sock = sock
         self.fd = sock.fileno()
         self.events = 0
@@ -141,7 +143,7 @@ class _Stream:
         self.out_bytes = 0
         self.timer = None
         self.timer_when = 0.0
-        self.last_write = srv.reactor.now
+        self.last_write = self.reactor.now
         self.wr_closed = False
 
     # ---- selector ----
@@ -169,7 +171,7 @@ class _Stream:
             if self.timer_when <= when:
                 return
             t.cancel()
-        self.timer = self.srv.reactor.wheel.call_at(when, self._timer_cb)
+        self.timer = self.reactor.wheel.call_at(when, self._timer_cb)
         self.timer_when = when
 
     def _disarm(self) -> None:
@@ -228,7 +230,7 @@ class _Stream:
                 self._write_failed(exc)
                 return False
             self.out_bytes -= n
-            self.last_write = self.srv.reactor.now
+            self.last_write = self.reactor.now
             while n:
                 first = out[0]
                 size = len(first)
@@ -297,7 +299,7 @@ class ClientConn(_Stream):
 
     def __init__(self, srv: Balancer, sock: socket.socket, client_ip: str) -> None:
         self._init_stream(srv, sock)
-        now = srv.reactor.now
+        now = self.reactor.now
         self.state = C_IDLE
         self.inbuf = HeadBuffer(srv.max_header_bytes)
         self.client_ip = client_ip
@@ -369,7 +371,7 @@ class ClientConn(_Stream):
             if self.state == C_IDLE:
                 self._process_input()
         elif state == C_BODY:
-            self.last_read = self.srv.reactor.now
+            self.last_read = self.reactor.now
             self._body_data(data)
         elif state == C_WAIT:
             # Pipelined requests wait here until the response in progress is done (answers keep
@@ -379,7 +381,7 @@ class ClientConn(_Stream):
                 self.paused_for_pipeline = True
                 self._pause_reading()
         elif state == C_TUNNEL:
-            self.last_read = self.srv.reactor.now
+            self.last_read = self.reactor.now
             up = self.upstream
             if up is not None:
                 up.write(data)
@@ -406,7 +408,7 @@ class ClientConn(_Stream):
 
     def _head_started(self) -> None:
         self._to(C_HEAD)
-        now = self.srv.reactor.now
+        now = self.reactor.now
         self.head_start = now
         self._arm(now + self.srv.header_timeout)
 
@@ -450,8 +452,8 @@ class ClientConn(_Stream):
         self.close_after = not req.keep_alive or srv.draining
         self.tried = None
         self.timeouts = 0
-        now = srv.reactor.now
-        if req.framing == NO_BODY:
+        now = self.reactor.now
+        if req.framing == NO_BODY or (req.framing == LENGTH and req.length == 0):
             self._to(C_WAIT)
         else:
             self._to(C_BODY)
@@ -459,20 +461,45 @@ class ClientConn(_Stream):
             self.last_read = now
             self.decoder = (ChunkedDecoder(srv.max_body_bytes, srv.max_header_bytes, 400)
                             if req.framing == CHUNKED else None)
-        backend = srv.pool.choose(req, self.client_ip)
+        backend = srv.pool.strategy.choose(req, self.client_ip)
         if backend is None:
             self._reply_error(503)
             return
-        self.req_bytes = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
-        pending: Deque[Chunk] = deque()
-        pending.append(self.req_bytes)
-        self._send_to(backend, pending, len(self.req_bytes), False)
+        self.req_bytes = data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
+        # An idle pooled connection (most recently used first), or a new one.
+        idle = backend.idle
+        while idle:
+            up, _ = idle.popitem()
+            if up.state == U_IDLE:
+                self.upstream = up
+                up.send_request(self, data)
+                break
+        else:
+            self._send_to(backend, data, len(data), True)
         if self.state == C_BODY and self.inbuf.buf:
             self._body_data(self.inbuf.take())
 
-    def _send_to(self, backend: Backend, pending: Deque[Chunk], nbytes: int, fresh: bool) -> None:
-        """Hand the request (its bytes so far) to a connection to ``backend``."""
-        up = self.srv.checkout(backend, fresh)
+    def _send_to(self, backend: Backend, pending: Union[bytes, Deque[Chunk]], nbytes: int, fresh: bool) -> None:
+        """Hand the request (its bytes so far) to a connection to ``backend``: a new one if ``fresh``,
+        else an idle pooled one if there is one."""
+        if not fresh:
+            idle = backend.idle
+            while idle:
+                up, _ = idle.popitem()
+                if up.state == U_IDLE:
+                    self.upstream = up
+                    if isinstance(pending, bytes):
+                        up.send_request(self, pending)
+                    else:
+                        up.send_request(self, b"".join(pending))
+                    return
+        try:
+            up = UpstreamConn(self.srv, backend)
+        except OSError as exc:
+            # No socket for it (EMFILE...): nothing was sent; answer now.
+            log.error("backend %s: cannot open a connection: %s", backend.name, exc)
+            self._reply_error(502)
+            return
         self.upstream = up
         up.attach(self, pending, nbytes)
 
@@ -555,7 +582,7 @@ class ClientConn(_Stream):
         self.resp_started = True
         self.status = resp.status
         self.out_framing = framing
-        self.srv.count_response(resp.status)
+        self.srv.status_counts[resp.status] += 1
         return client_response_head(resp, framing, self.close_after, req.minor), framing
 
     def interim_response(self, head: bytes) -> None:
@@ -575,10 +602,11 @@ class ClientConn(_Stream):
         if self.close_after or self.eof:
             self._finish(False)
             return
-        self._to(C_IDLE)
-        now = self.srv.reactor.now
-        self.idle_since = now
-        self._arm(now + self.srv.client_timeout)
+        self.state = C_IDLE  # C_WAIT -> C_IDLE (the only way here)
+        now = self.idle_since = self.reactor.now
+        when = now + self.srv.client_timeout
+        if self.timer_when > when:
+            self._arm(when)
         if self.paused_for_pipeline:
             self.paused_for_pipeline = False
             self._resume_reading()
@@ -590,15 +618,15 @@ class ClientConn(_Stream):
         self._to(C_TUNNEL)
         self.resp_started = True
         self.status = 101
-        self.srv.count_response(101)
-        self.last_read = self.srv.reactor.now
+        self.srv.status_counts[101] += 1
+        self.last_read = self.reactor.now
         self.write(head_and_data)
         if self.inbuf.buf:
             up.write(self.inbuf.take())
         if self.paused_for_pipeline:
             self.paused_for_pipeline = False
             self._resume_reading()
-        self._arm(self.srv.reactor.now + self.srv.tunnel_timeout)
+        self._arm(self.reactor.now + self.srv.tunnel_timeout)
 
     def upstream_failed(self, up: UpstreamConn, why: int, pending: Optional[Deque[Chunk]],
                         nbytes: int) -> None:
@@ -632,9 +660,7 @@ class ClientConn(_Stream):
             self._reply_error(504 if self.timeouts == len(tried) else 502)
         elif why == F_STALE and req.idempotent and req.framing == NO_BODY:
             # A pooled connection the backend had already closed: resend on a fresh one.
-            again: Deque[Chunk] = deque()
-            again.append(self.req_bytes)
-            self._send_to(backend, again, len(self.req_bytes), True)
+            self._send_to(backend, self.req_bytes, len(self.req_bytes), True)
         elif why == F_TIMEOUT:
             self._reply_error(504)
         else:
@@ -648,7 +674,7 @@ class ClientConn(_Stream):
 
     def _write_error(self, status: int) -> None:
         req = self.req
-        self.srv.count_response(status)
+        self.srv.status_counts[status] += 1
         self.write(error_response(status, True, req is not None and req.method == b"HEAD"))
         self.req = None
         self._finish(True)
@@ -660,7 +686,7 @@ class ClientConn(_Stream):
         assert req is not None
         if self.state == C_BODY:
             self.close_after = True
-        self.srv.count_response(status)
+        self.srv.status_counts[status] += 1
         self.resp_started = True
         self.write(error_response(status, self.close_after, req.method == b"HEAD"))
         self.response_done()
@@ -711,7 +737,7 @@ class ClientConn(_Stream):
     def _on_timer(self) -> None:
         self.timer = None
         srv = self.srv
-        now = srv.reactor.now
+        now = self.reactor.now
         state = self.state
         if state == C_IDLE:
             deadline = self.idle_since + srv.client_timeout
@@ -775,7 +801,7 @@ class ClientConn(_Stream):
         what the client still sends for a while, so our answer is not lost to a reset."""
         self._to(C_LINGER)
         self.linger = linger
-        self.linger_start = self.srv.reactor.now
+        self.linger_start = self.reactor.now
         self.paused_for_pipeline = False
         if linger and not self.reading and not self.eof:
             self.reading = True
@@ -783,7 +809,7 @@ class ClientConn(_Stream):
         if not self.out:
             self._shutdown_write()
         else:
-            self._arm(self.srv.reactor.now + self.srv.client_timeout)
+            self._arm(self.reactor.now + self.srv.client_timeout)
 
     def _shutdown_write(self) -> None:
         """The last byte is out: close, or half-close and linger."""
@@ -791,7 +817,7 @@ class ClientConn(_Stream):
             self.close()
             return
         self._shutdown_wr()
-        self.linger_start = self.srv.reactor.now
+        self.linger_start = self.reactor.now
         self._arm(self.linger_start + LINGER_TIMEOUT)
 
     def abort_after_flush(self) -> None:
@@ -801,13 +827,13 @@ class ClientConn(_Stream):
             return
         if self.state != C_LINGER:
             self._to(C_LINGER)
-        self.linger_start = self.srv.reactor.now
+        self.linger_start = self.reactor.now
         self.linger = False
         if not self.out:
             self.close()
         else:
             self._pause_reading()
-            self._arm(self.srv.reactor.now + self.srv.client_timeout)
+            self._arm(self.reactor.now + self.srv.client_timeout)
 
     def tunnel_progress(self) -> None:
         """After an end-of-stream or a drained queue in a tunnel: pass each side's FIN on once what it
@@ -874,7 +900,7 @@ class UpstreamConn(_Stream):
             sock.close()
             raise
         self._init_stream(srv, sock)
-        now = srv.reactor.now
+        now = self.reactor.now
         self.backend = backend
         self.client: Optional[ClientConn] = None
         self.hbuf = HeadBuffer(srv.max_response_head)
@@ -912,8 +938,24 @@ class UpstreamConn(_Stream):
         self.state = state
 
     # ---- attaching a request -----------------------------------------------------------------------
-    def attach(self, client: ClientConn, pending: Deque[Chunk], nbytes: int) -> None:
-        """Take on a client's request: ``pending`` holds its bytes so far (head, maybe some body)."""
+    def attach(self, client: ClientConn, pending: Union[bytes, Deque[Chunk]], nbytes: int) -> None:
+        """Take on a client's request while connecting: ``pending`` holds its bytes so far (the head,
+        or after a failed connect everything that connection did not send)."""
+        self.client = client
+        backend = self.backend
+        backend.active += 1
+        backend.requests += 1
+        req = client.req
+        self.head_request = req is not None and req.method == b"HEAD"
+        self.last_active = self.reactor.now
+        if isinstance(pending, bytes):
+            self.out.append(pending)
+        else:
+            self.out = pending
+        self.out_bytes = nbytes
+
+    def send_request(self, client: ClientConn, data: bytes) -> None:
+        """Take on a client's request on this idle pooled connection, and send its head now."""
         self.client = client
         backend = self.backend
         backend.active += 1
@@ -923,23 +965,17 @@ class UpstreamConn(_Stream):
         self.got_bytes = False
         self.keep = True
         self.framing = NO_BODY
-        self.decoder = None
-        now = self.srv.reactor.now
-        self.last_active = now
-        if self.state == U_CONNECTING:
-            self.out = pending
-            self.out_bytes = nbytes
-            return
-        # A pooled connection, ready now.
         self.reused = True
-        self._to(U_HEAD)
-        self._arm(now + self.srv.backend_timeout)
-        while pending:
-            self.write(pending.popleft())
+        self.state = U_HEAD  # U_IDLE -> U_HEAD
+        now = self.last_active = self.reactor.now
+        when = now + self.srv.backend_timeout
+        if self.timer_when > when:
+            self._arm(when)
+        self.write(data)
 
     def write_body(self, data: Chunk) -> None:
         """Request body bytes; they also count as activity on this exchange."""
-        self.last_active = self.srv.reactor.now
+        self.last_active = self.reactor.now
         if self.state == U_CONNECTING:
             self.out.append(data)
             self.out_bytes += len(data)
@@ -973,7 +1009,7 @@ class UpstreamConn(_Stream):
             self._connect_failed(F_CONNECT_REFUSED, err)
             return
         self._to(U_HEAD)
-        now = self.srv.reactor.now
+        now = self.reactor.now
         self.last_active = now
         self._arm(now + self.srv.backend_timeout)
         self._set_events((EVENT_READ if self.reading else 0) | (EVENT_WRITE if self.out else 0))
@@ -1011,7 +1047,7 @@ class UpstreamConn(_Stream):
             self._on_eof(False)
             return
         state = self.state
-        self.last_active = self.srv.reactor.now
+        self.last_active = self.reactor.now
         if state == U_BODY:
             parts: List[Chunk] = []
             try:
@@ -1079,17 +1115,20 @@ class UpstreamConn(_Stream):
             client.write(client_head)
             self._response_complete()
             return
-        self._to(U_BODY)
         if framing == LENGTH:
-            self.body_left = resp.length
-            if client_head is head and len(rest) <= resp.length and len(head) + len(rest) == len(data):
+            left = resp.length - len(rest)
+            if client_head is head and left >= 0 and len(head) + len(rest) == len(data):
                 # The common case: forward what the backend sent as is, head and body in one send.
-                self.body_left = resp.length - len(rest)
                 client.write(data)
-                if not self.body_left:
+                if left:
+                    self.body_left = left
+                    self._to(U_BODY)
+                else:
                     self._response_complete()
                 return
-        elif framing == CHUNKED:
+            self.body_left = resp.length
+        self._to(U_BODY)
+        if framing == CHUNKED:
             self.decoder = ChunkedDecoder(0, self.srv.max_response_head, 502)
         parts: List[Chunk] = [client_head]
         done = False
@@ -1150,22 +1189,24 @@ class UpstreamConn(_Stream):
         return False
 
     def _response_complete(self) -> None:
-        client = self._detach()
-        srv = self.srv
-        reusable = (self.keep and self.framing != CLOSE_DELIMITED and not self.out and client is not None
-                    and client.state == C_WAIT and not srv.draining)
+        client = self.client
+        backend = self.backend
+        if client is not None:
+            self.client = None
+            backend.active -= 1
         self.decoder = None
-        if reusable:
-            self._to(U_IDLE)
-            idle = self.backend.idle
-            if len(idle) < POOL_MAX_IDLE:
-                now = srv.reactor.now
-                self.idle_since = now
-                idle[self] = None
+        idle = backend.idle
+        if (self.keep and client is not None and client.state == C_WAIT and not self.out
+                and self.framing != CLOSE_DELIMITED and len(idle) < POOL_MAX_IDLE and not self.srv.draining):
+            # Back to the pool: the request went out whole and the response came in whole.
+            self.state = U_IDLE  # U_HEAD/U_BODY -> U_IDLE
+            now = self.idle_since = self.reactor.now
+            idle[self] = None
+            if not self.reading:
                 self._resume_reading()
-                self._arm(now + POOL_IDLE_TIMEOUT)
-            else:
-                self.close()
+            when = now + POOL_IDLE_TIMEOUT
+            if self.timer_when > when:
+                self._arm(when)
         else:
             self.close()
         if client is not None:
@@ -1288,7 +1329,7 @@ class UpstreamConn(_Stream):
     def _on_timer(self) -> None:
         self.timer = None
         srv = self.srv
-        now = srv.reactor.now
+        now = self.reactor.now
         state = self.state
         if state == U_CONNECTING:
             deadline = self.connect_start + srv.connect_timeout

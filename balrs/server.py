@@ -13,8 +13,8 @@ import socket
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .config import Address, Config
-from .pool import Backend, Pool
-from .proxy import U_IDLE, ClientConn, UpstreamConn
+from .pool import Pool
+from .proxy import ClientConn
 from .reactor import EVENT_READ, Reactor
 from .timerwheel import Timer
 
@@ -73,8 +73,8 @@ class Balancer:
         self.exit_code = 0
         self._drain_timer: Optional[Timer] = None
         self._accept_timer: Optional[Timer] = None
-        # Counters (the admin endpoint reports them).
-        self.responses: Dict[int, int] = {}
+        # Counters (the admin endpoint reports them): responses by status code, indexed directly.
+        self.status_counts: List[int] = [0] * 1000
         self.accepted = 0
         self._apply_settings(config)
 
@@ -180,19 +180,9 @@ class Balancer:
             self._start_accepting()
 
     # ---- backends ----------------------------------------------------------------------------------
-    def checkout(self, backend: Backend, fresh: bool = False) -> UpstreamConn:
-        """An idle pooled connection to ``backend`` (most recently used first), or a new one."""
-        if not fresh:
-            idle = backend.idle
-            while idle:
-                up, _ = idle.popitem()
-                if up.state == U_IDLE:
-                    return up
-        return UpstreamConn(self, backend)
-
-    def count_response(self, status: int) -> None:
-        responses = self.responses
-        responses[status] = responses.get(status, 0) + 1
+    def responses(self) -> Dict[int, int]:
+        """Responses sent, by status code."""
+        return {code: n for code, n in enumerate(self.status_counts) if n}
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
