@@ -50,42 +50,6 @@ _STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x
 # RFC 9110 §9.2.2.
 IDEMPOTENT_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
-# Fields a proxy must act on. Anything else is forwarded untouched.
-_H_HOST = 1
-_H_CONTENT_LENGTH = 2
-_H_TRANSFER_ENCODING = 3
-_H_CONNECTION = 4
-_H_UPGRADE = 5
-_H_EXPECT = 6
-_H_HOP = 7          # hop-by-hop by definition (RFC 9110 §7.6.1): removed when forwarding
-_H_FORWARDED = 8    # X-Forwarded-*, Via: rewritten by the proxy
-_REQUEST_SPECIAL = {
-    b"host": _H_HOST,
-    b"content-length": _H_CONTENT_LENGTH,
-    b"transfer-encoding": _H_TRANSFER_ENCODING,
-    b"connection": _H_CONNECTION,
-    b"upgrade": _H_UPGRADE,
-    b"expect": _H_EXPECT,
-    b"keep-alive": _H_HOP,
-    b"proxy-connection": _H_HOP,
-    b"te": _H_HOP,
-    b"trailer": _H_HOP,
-    b"x-forwarded-for": _H_FORWARDED,
-    b"x-forwarded-proto": _H_FORWARDED,
-    b"x-forwarded-host": _H_FORWARDED,
-    b"via": _H_FORWARDED,
-}
-_RESPONSE_SPECIAL = {
-    b"content-length": _H_CONTENT_LENGTH,
-    b"transfer-encoding": _H_TRANSFER_ENCODING,
-    b"connection": _H_CONNECTION,
-    b"upgrade": _H_UPGRADE,
-    b"keep-alive": _H_HOP,
-    b"proxy-connection": _H_HOP,
-    b"te": _H_HOP,
-    b"trailer": _H_HOP,
-}
-
 # RFC 9112 §2.2: empty lines before a request-line are ignored; a C-level match finds where they end.
 _LEADING_EMPTY_LINES = re.compile(rb"[\r\n]*")
 
@@ -190,31 +154,122 @@ class HeadBuffer:
         return ProtocolError(431, "message head longer than %d bytes" % limit)
 
 
-def _split_fields(head: bytes, start: int, status: int) -> "tuple[List[bytes], List[bytes], List[bytes]]":
-    """Split the field lines of ``head`` (from ``start`` to the final CRLF) into names, values and
-    lowercased names, validating RFC 9110 §5 syntax. Raises ProtocolError(status)."""
+# RFC 9110 §5 / RFC 9112 §5: field-line = field-name ":" OWS field-value OWS CRLF, with a token name and
+# field octets only. One fullmatch validates a whole field block in C: it rejects control characters,
+# bare CR or LF, obs-fold (a line starting with SP/HTAB), whitespace before the colon and empty names.
+_FIELD_BLOCK = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+# The same validation over the lowercased head, capturing on the way the values of the fields a proxy
+# acts on (a repeated group keeps its last capture; repeats are counted separately, only when present).
+_V = rb"[\t\x20-\x7e\x80-\xff]*"
+_T = rb"[-!#$%&'*+.^_`|~0-9a-z]+"
+_REQUEST_FIELD_BLOCK = re.compile(
+    rb"(?:(?:host:[ \t]*(" + _V + rb")|content-length:[ \t]*(" + _V + rb")|transfer-encoding:[ \t]*(" + _V
+    + rb")|connection:[ \t]*(" + _V + rb")|upgrade:[ \t]*(" + _V + rb")|expect:[ \t]*(" + _V
+    + rb")|(keep-alive|proxy-connection|te|trailer|x-forwarded-for|x-forwarded-proto|x-forwarded-host|via):"
+    + _V + rb"|" + _T + rb":" + _V + rb")\r\n)*")
+_RESPONSE_FIELD_BLOCK = re.compile(
+    rb"(?:(?:content-length:[ \t]*(" + _V + rb")|transfer-encoding:[ \t]*(" + _V + rb")|connection:[ \t]*("
+    + _V + rb")|(keep-alive|proxy-connection|te|trailer|upgrade):" + _V + rb"|" + _T + rb":" + _V
+    + rb")\r\n)*")
+
+
+# Whole heads, start line included, matched over the lowercased head in one C pass (the start line's
+# case-sensitive parts are checked or taken from the original bytes by position).
+_REQUEST_HEAD = re.compile(
+    rb"[-!#$%&'*+.^_`|~0-9a-z]+ [\x21-\x7e]+ http/([0-9])\.([0-9])\r\n" + _REQUEST_FIELD_BLOCK.pattern
+    + rb"\r\n")
+_RESPONSE_HEAD = re.compile(
+    rb"http/([0-9])\.([0-9]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?\r\n" + _RESPONSE_FIELD_BLOCK.pattern
+    + rb"\r\n")
+
+
+def _all_values(r: "_Fields", lname: bytes) -> List[bytes]:
+    """Every value of a field that occurs more than once (the rare path)."""
+    return [v for n, v in zip(r.lnames, r.values) if n == lname]
+
+
+def _request_problem(head: bytes) -> ProtocolError:
+    """The error for a request head that failed the one-pass match (error path only)."""
+    m = _REQUEST_LINE.match(head)
+    if m is None:
+        return ProtocolError(400, "malformed request line")
+    major, minor = m.group(3), m.group(4)
+    if major != b"1":
+        return ProtocolError(505, "HTTP version %s.%s not supported" % (major.decode(), minor.decode()))
+    return ProtocolError(400, _field_problem(head, m.end()))
+
+
+def _response_problem(head: bytes) -> ProtocolError:
+    """The error for a response head that failed the one-pass match (error path only)."""
+    m = _STATUS_LINE.match(head)
+    if m is None:
+        return ProtocolError(502, "malformed status line")
+    if m.group(1) != b"1":
+        return ProtocolError(502, "backend answered in HTTP version %s" % m.group(1).decode())
+    return ProtocolError(502, _field_problem(head, m.end()))
+
+
+def _field_problem(head: bytes, start: int) -> str:
+    """Say what is wrong with a field block that failed validation (error path only)."""
     if not head.endswith(b"\r\n\r\n"):
-        raise ProtocolError(status, "head does not end with CRLF CRLF")
-    if start == len(head) - 2:
-        return [], [], []
-    lines = head[start:-4].split(b"\r\n")
-    # Every octet of every line is a field octet: no CTL, no bare CR or LF (the CRLFs are split off).
-    if b"".join(lines).translate(None, _FIELD_OCTETS):
-        raise ProtocolError(status, "control character or bare CR/LF in the head")
-    names = []
-    values = []
-    for line in lines:
-        name, colon, value = line.partition(b":")
+        return "head does not end with CRLF CRLF"
+    for line in head[start:-4].split(b"\r\n"):
+        if line.translate(None, _FIELD_OCTETS):
+            return "control character or bare CR/LF in the head"
+        name, colon, _value = line.partition(b":")
         if not colon:
-            raise ProtocolError(status, "field line without a colon")
-        names.append(name)
-        values.append(value.strip(b" \t"))
-    # RFC 9112 §5.1: no whitespace between name and colon; §5.2: obs-fold (a line starting with SP or
-    # HTAB) is rejected. Both leave a non-token byte in a name, as does an empty name.
-    joined = b"\n".join(names)
-    if joined.translate(None, TCHARS) != b"\n" * (len(names) - 1) or not all(names):
-        raise ProtocolError(status, "invalid field name (whitespace before colon, obs-fold or non-token)")
-    return names, values, joined.lower().split(b"\n")
+            return "field line without a colon"
+        if not name or name.translate(None, TCHARS):
+            return "invalid field name (whitespace before colon, obs-fold or non-token)"
+    return "malformed field block"
+
+
+def _split_fields(head: bytes, start: int) -> "tuple[List[bytes], List[bytes], List[bytes]]":
+    """Names, values (OWS stripped) and lowercased names of an already validated field block."""
+    if start >= len(head) - 2:
+        return [], [], []
+    parts = [line.partition(b":") for line in head[start:-4].split(b"\r\n")]
+    names = [p[0] for p in parts]
+    values = [p[2].strip(b" \t") for p in parts]
+    return names, values, b"\n".join(names).lower().split(b"\n")
+
+
+class _Fields:
+    """Lazily split fields: the hot path never needs them (it forwards heads as they are and finds
+    the fields it acts on by one regex pass); rebuilding a head and the hash strategies do."""
+
+    __slots__ = ("raw", "fields_start", "_fields")
+
+    raw: bytes
+    fields_start: int
+    _fields: Optional["tuple[List[bytes], List[bytes], List[bytes]]"]
+
+    def _split(self) -> "tuple[List[bytes], List[bytes], List[bytes]]":
+        f = self._fields
+        if f is None:
+            f = self._fields = _split_fields(self.raw, self.fields_start)
+        return f
+
+    @property
+    def names(self) -> List[bytes]:
+        """Field names in order, as received."""
+        return self._split()[0]
+
+    @property
+    def values(self) -> List[bytes]:
+        """Field values in order, without surrounding whitespace."""
+        return self._split()[1]
+
+    @property
+    def lnames(self) -> List[bytes]:
+        """Field names in order, lowercased."""
+        return self._split()[2]
+
+    def header(self, lname: bytes) -> Optional[bytes]:
+        """The combined value of a field (by lowercased name), or None."""
+        names, values, lnames = self._split()
+        vals = [v for n, v in zip(lnames, values) if n == lname]
+        return b", ".join(vals) if vals else None
 
 
 def _comma_list(values: List[bytes]) -> List[bytes]:
@@ -248,13 +303,13 @@ def _content_length(values: List[bytes], status: int) -> int:
     return found
 
 
-class RequestHead:
-    """A parsed request head. ``names``/``values``/``lnames`` hold the fields in order, as received
+class RequestHead(_Fields):
+    """A parsed request head. ``names``/``values``/``lnames`` give the fields in order, as received
     (``lnames`` lowercased). ``rewrite`` is False when the head can be forwarded as is, apart from the
     fields the proxy appends (no hop-by-hop field, no X-Forwarded-*/Via to merge, HTTP/1.1)."""
 
     __slots__ = (
-        "method", "target", "minor", "raw", "names", "values", "lnames", "host", "framing", "length",
+        "method", "target", "minor", "host", "framing", "length",
         "keep_alive", "expect_continue", "upgrade", "rewrite", "connection_tokens",
     )
 
@@ -262,9 +317,8 @@ class RequestHead:
     target: bytes
     minor: int
     raw: bytes
-    names: List[bytes]
-    values: List[bytes]
-    lnames: List[bytes]
+    fields_start: int
+    _fields: Optional["tuple[List[bytes], List[bytes], List[bytes]]"]
     host: Optional[bytes]
     framing: int
     length: int
@@ -278,11 +332,6 @@ class RequestHead:
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT_METHODS
 
-    def header(self, lname: bytes) -> Optional[bytes]:
-        """The combined value of a field (by lowercased name), or None."""
-        vals = [v for n, v in zip(self.lnames, self.values) if n == lname]
-        return b", ".join(vals) if vals else None
-
     def __repr__(self) -> str:
         return "<RequestHead %s %s HTTP/1.%d>" % (self.method.decode("ascii"), self.target[:60].decode("ascii"),
                                                  self.minor)
@@ -291,66 +340,67 @@ class RequestHead:
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a complete request head (through its empty line). Raises ProtocolError with the status
     a server answers: 400 malformed, 501 unsupported transfer coding, 505 HTTP version, 417 expectation."""
-    m = _REQUEST_LINE.match(head)
-    if m is None:
+    low = head.lower()
+    f = _REQUEST_HEAD.fullmatch(low)
+    if f is None:
+        raise _request_problem(head)
+    major, minor_b, host_v, cl_v, te_v, conn_v, upgrade_v, expect_v, hop = f.groups()
+    # The request line: method and target as received (both case-sensitive), "HTTP/" in capitals.
+    sp2 = f.start(1) - 6
+    sp1 = head.find(b" ")
+    if head[sp2 + 1:sp2 + 6] != b"HTTP/":
         raise ProtocolError(400, "malformed request line")
-    method, target, major, minor_b = m.groups()
     if major != b"1":
         # RFC 9110 §15.6.6; HTTP/2 prior knowledge ("PRI * HTTP/2.0") lands here too.
         raise ProtocolError(505, "HTTP version %s.%s not supported" % (major.decode(), minor_b.decode()))
     # RFC 9110 §2.5: a 1.x recipient treats a higher minor version as the highest it supports.
     minor = 0 if minor_b == b"0" else 1
-    names, values, lnames = _split_fields(head, m.end(), 400)
 
     r = RequestHead()
-    r.method = method
-    r.target = target
+    r.method = head[:sp1]
+    r.target = head[sp1 + 1:sp2]
     r.minor = minor
     r.raw = head
-    r.names = names
-    r.values = values
-    r.lnames = lnames
+    r.fields_start = f.end(2) + 2
+    r._fields = None
     r.host = None
     r.framing = NO_BODY
     r.length = 0
     r.keep_alive = minor == 1
     r.expect_continue = False
     r.upgrade = None
-    # Forwarded as HTTP/1.1: a 1.0 (or 1.2, ...) request line is rewritten.
-    r.rewrite = minor_b != b"1"
+    # Forwarded as HTTP/1.1: a 1.0 (or 1.2, ...) request line is rewritten; hop-by-hop fields,
+    # X-Forwarded-* and Via make the head be rebuilt.
+    r.rewrite = minor_b != b"1" or hop is not None
     r.connection_tokens = []
+    count = low.count
 
-    special = _REQUEST_SPECIAL
-    hits = [i for i, n in enumerate(lnames) if n in special]
-    if not hits:
-        if minor == 1:
-            raise ProtocolError(400, "HTTP/1.1 request without Host")
-        return r
     cl_values: List[bytes] = []
     te_values: List[bytes] = []
     upgrade_values: List[bytes] = []
     expect_values: List[bytes] = []
     conn_values: List[bytes] = []
     hosts = 0
-    for i in hits:
-        kind = special[lnames[i]]
-        if kind == _H_HOST:
-            hosts += 1
-            r.host = values[i]
-        elif kind == _H_CONTENT_LENGTH:
-            cl_values.append(values[i])
-        elif kind == _H_TRANSFER_ENCODING:
-            te_values.append(values[i])
-        elif kind == _H_CONNECTION:
-            conn_values.append(values[i])
-            r.rewrite = True
-        elif kind == _H_UPGRADE:
-            upgrade_values.append(values[i])
-            r.rewrite = True
-        elif kind == _H_EXPECT:
-            expect_values.append(values[i])
-        else:
-            r.rewrite = True
+    if host_v is not None:
+        hosts = count(b"\nhost:")
+        a, b = f.span(3)
+        r.host = head[a:b].rstrip(b" \t")
+    if cl_v is not None:
+        cl_values = [cl_v.rstrip(b" \t")] if count(b"\ncontent-length:") == 1 else _all_values(r, b"content-length")
+    if te_v is not None:
+        a, b = f.span(5)  # original case: "Chunked" is forwarded rewritten
+        te_values = ([head[a:b].rstrip(b" \t")] if count(b"\ntransfer-encoding:") == 1
+                     else _all_values(r, b"transfer-encoding"))
+    if conn_v is not None:
+        r.rewrite = True
+        conn_values = [conn_v] if count(b"\nconnection:") == 1 else _all_values(r, b"connection")
+    if upgrade_v is not None:
+        r.rewrite = True
+        a, b = f.span(7)
+        upgrade_values = ([head[a:b].rstrip(b" \t")] if count(b"\nupgrade:") == 1
+                          else _all_values(r, b"upgrade"))
+    if expect_v is not None:
+        expect_values = [expect_v] if count(b"\nexpect:") == 1 else _all_values(r, b"expect")
 
     # RFC 9112 §3.2: exactly one Host in HTTP/1.1, with a valid value.
     if hosts > 1:
@@ -389,10 +439,14 @@ def parse_request_head(head: bytes) -> RequestHead:
             # Forward one canonical "chunked": a backend may not read "Chunked" or ", chunked" as we do.
             r.rewrite = True
     elif cl_values:
-        r.length = _content_length(cl_values, 400)
         r.framing = LENGTH
-        if len(cl_values) > 1 or cl_values[0] != b"%d" % r.length:
-            # Duplicates ("5, 5"), leading zeros: forward one canonical value.
+        v = cl_values[0]
+        if len(cl_values) == 1 and v.isdigit() and len(v) <= _MAX_CONTENT_LENGTH_DIGITS and (
+                v[0] != 48 or len(v) == 1):
+            r.length = int(v)
+        else:
+            # Duplicates ("5, 5"), leading zeros: validated, then forwarded as one canonical value.
+            r.length = _content_length(cl_values, 400)
             r.rewrite = True
 
     if expect_values:
@@ -409,31 +463,30 @@ def parse_request_head(head: bytes) -> RequestHead:
     return r
 
 
-class ResponseHead:
+class ResponseHead(_Fields):
     """A parsed response head; ``framing`` follows RFC 9112 §6.3 for the request it answers."""
 
     __slots__ = (
-        "status", "minor", "raw", "names", "values", "lnames", "framing", "length", "keep_alive",
-        "rewrite", "connection_tokens", "line_end", "has_connection",
+        "status", "minor", "framing", "length", "keep_alive",
+        "rewrite", "connection_tokens", "has_connection",
     )
 
     status: int
     minor: int
     raw: bytes
-    names: List[bytes]
-    values: List[bytes]
-    lnames: List[bytes]
+    fields_start: int
+    _fields: Optional["tuple[List[bytes], List[bytes], List[bytes]]"]
     framing: int
     length: int
     keep_alive: bool
     rewrite: bool
     connection_tokens: List[bytes]
-    line_end: int
     has_connection: bool
 
-    def header(self, lname: bytes) -> Optional[bytes]:
-        vals = [v for n, v in zip(self.lnames, self.values) if n == lname]
-        return b", ".join(vals) if vals else None
+    @property
+    def line_end(self) -> int:
+        """Where the status line ends (its CRLF included)."""
+        return self.fields_start
 
     def __repr__(self) -> str:
         return "<ResponseHead %d HTTP/1.%d>" % (self.status, self.minor)
@@ -442,55 +495,50 @@ class ResponseHead:
 def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead:
     """Parse a complete response head. ``head_request``: it answers a HEAD request (no body).
     Raises ProtocolError(502, ...) for anything a proxy must not pass on."""
-    m = _STATUS_LINE.match(head)
-    if m is None:
-        raise ProtocolError(502, "malformed status line")
-    major, minor_b, status_b, _reason = m.groups()
+    low = head.lower()
+    f = _RESPONSE_HEAD.fullmatch(low)
+    if f is None or head[:5] != b"HTTP/":
+        raise _response_problem(head)
+    major, minor_b, status_b, cl_v, te_v, conn_v, hop = f.groups()
     if major != b"1":
         raise ProtocolError(502, "backend answered in HTTP version %s" % major.decode())
     status = int(status_b)
     if status < 100:
         raise ProtocolError(502, "status code %d" % status)
     minor = 0 if minor_b == b"0" else 1
-    names, values, lnames = _split_fields(head, m.end(), 502)
 
     r = ResponseHead()
     r.status = status
     r.minor = minor
     r.raw = head
-    r.names = names
-    r.values = values
-    r.lnames = lnames
+    r.fields_start = head.find(b"\n") + 1
+    r._fields = None
     r.framing = NO_BODY
     r.length = 0
     r.keep_alive = minor == 1
-    r.rewrite = minor_b != b"1"  # the status line goes out as HTTP/1.1
+    # The status line goes out as HTTP/1.1; hop-by-hop fields are removed.
+    r.rewrite = minor_b != b"1" or hop is not None
     r.connection_tokens = []
-    r.line_end = m.end()
     r.has_connection = False
+    count = low.count
 
-    special = _RESPONSE_SPECIAL
     cl_values: List[bytes] = []
     te_values: List[bytes] = []
-    for i, n in enumerate(lnames):
-        kind = special.get(n)
-        if kind is None:
-            continue
-        if kind == _H_CONTENT_LENGTH:
-            cl_values.append(values[i])
-        elif kind == _H_TRANSFER_ENCODING:
-            te_values.append(values[i])
-        elif kind == _H_CONNECTION:
-            r.has_connection = True
-            value = values[i].lower()
-            if value == b"keep-alive":
-                # What balrs says itself to a client it keeps: "replace it with the intermediary's own
-                # control options" (RFC 9110 §7.6.1) needs no rewrite then.
-                r.connection_tokens.append(value)
-            else:
-                r.connection_tokens.extend(_comma_list([value]))
-                r.rewrite = True
+    if cl_v is not None:
+        cl_values = [cl_v.rstrip(b" \t")] if count(b"\ncontent-length:") == 1 else _all_values(r, b"content-length")
+    if te_v is not None:
+        te_values = ([te_v.rstrip(b" \t")] if count(b"\ntransfer-encoding:") == 1
+                     else [v.lower() for v in _all_values(r, b"transfer-encoding")])
+    if conn_v is not None:
+        r.has_connection = True
+        values = [conn_v.rstrip(b" \t")] if count(b"\nconnection:") == 1 else [
+            v.lower() for v in _all_values(r, b"connection")]
+        if values == [b"keep-alive"]:
+            # What balrs says itself to a client it keeps: "replace it with the intermediary's own
+            # control options" (RFC 9110 §7.6.1) needs no rewrite then.
+            r.connection_tokens = values
         else:
+            r.connection_tokens = _comma_list(values)
             r.rewrite = True
     tokens = r.connection_tokens
     if tokens:
@@ -524,9 +572,13 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
             r.keep_alive = False
         return r
     if cl_values:
-        r.length = _content_length(cl_values, 502)
         r.framing = LENGTH
-        if len(cl_values) > 1 or cl_values[0] != b"%d" % r.length:
+        v = cl_values[0]
+        if len(cl_values) == 1 and v.isdigit() and len(v) <= _MAX_CONTENT_LENGTH_DIGITS and (
+                v[0] != 48 or len(v) == 1):
+            r.length = int(v)
+        else:
+            r.length = _content_length(cl_values, 502)
             r.rewrite = True
         return r
     # Step 8: read until the server closes.
