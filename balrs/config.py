@@ -56,6 +56,8 @@ DEFAULT_QUEUE_TIMEOUT = 5.0  # HAProxy `timeout queue` (defaults to `timeout con
 DEFAULT_WORKERS = 1  # nginx `worker_processes 1`
 DEFAULT_RESOLVE_INTERVAL = 30.0  # nginx `resolver ... valid=30s` in its docs; HAProxy `hold valid` 10s
 DEFAULT_TUNNEL_TIMEOUT = 3600.0  # HAProxy `timeout tunnel 1h` (its WebSocket example)
+DEFAULT_BODY_TIMEOUT = 60.0  # nginx `client_body_timeout 60s`: a client stalls mid-request-body
+DEFAULT_SEND_TIMEOUT = 60.0  # nginx `send_timeout 60s`: a client stops reading its response
 
 # [health]: HAProxy server check defaults
 DEFAULT_HEALTH_PATH = "/health"
@@ -136,6 +138,8 @@ class Config:
     workers: int = DEFAULT_WORKERS
     resolve_interval: float = DEFAULT_RESOLVE_INTERVAL
     tunnel_timeout: float = DEFAULT_TUNNEL_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
     health: HealthConfig | None = None
     backends: tuple[BackendConfig, ...] = ()
     admin: AdminConfig | None = None
@@ -474,6 +478,8 @@ _BALANCER_KEYS: dict[str, tuple[_Parser, object]] = {
     "workers": (_int_range(1, MAX_WORKERS), DEFAULT_WORKERS),
     "resolve_interval": (_duration(), DEFAULT_RESOLVE_INTERVAL),
     "tunnel_timeout": (_duration(), DEFAULT_TUNNEL_TIMEOUT),  # extension: idle Upgrade/WebSocket tunnel
+    "body_timeout": (_duration(), DEFAULT_BODY_TIMEOUT),  # extension: client silent mid-request-body -> 408
+    "send_timeout": (_duration(), DEFAULT_SEND_TIMEOUT),  # extension: client not reading its response
 }
 
 _HEALTH_KEYS: dict[str, tuple[_Parser, object]] = {

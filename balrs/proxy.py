@@ -203,6 +203,7 @@ class _Stream:
             self.out.append(memoryview(data)[n:] if n else data)
             self.out_bytes = left
             self._set_events(self.events | EVENT_WRITE)
+            self._queue_started()
         if self.out_bytes > HIGH_WATER:
             self._high_water()
 
@@ -252,6 +253,10 @@ class _Stream:
 
     def _write_failed(self, exc: OSError) -> None:
         raise NotImplementedError
+
+    def _queue_started(self) -> None:
+        """Bytes are waiting for the peer to read: the stall clock starts now."""
+        self.last_write = self.reactor.now
 
     def _high_water(self) -> None:
         """The write queue passed HIGH_WATER: stop reading the side that feeds it."""
@@ -460,6 +465,9 @@ class ClientConn(_Stream):
             self._to(C_BODY)
             self.body_left = req.length
             self.last_read = now
+            when = now + srv.body_timeout
+            if self.timer_when > when:
+                self._arm(when)
             self.decoder = (ChunkedDecoder(srv.max_body_bytes, srv.max_header_bytes, 400)
                             if req.framing == CHUNKED else None)
         backend = srv.pool.strategy.choose(req, self.client_ip)
@@ -540,11 +548,13 @@ class ClientConn(_Stream):
             if not decoder.done:
                 return
             rest = data[used:]
-        # The request is complete.
+        # The request is complete: from now on a response is due (backend_timeout).
         if rest:
             self.inbuf.buf += rest
         self.decoder = None
         self._to(C_WAIT)
+        if up is not None:
+            up.request_sent()
         if up is None:
             # The response already came and went (the backend answered early): no keep-alive.
             self.close_after = True
@@ -703,13 +713,24 @@ class ClientConn(_Stream):
             self.reading = True
             self._set_events(self.events | EVENT_READ)
 
+    def _queue_started(self) -> None:
+        now = self.last_write = self.reactor.now
+        when = now + self.srv.send_timeout
+        if self.timer_when > when:
+            self._arm(when)
+
     def pause_for_upstream(self) -> None:
         """The upstream's queue is full: stop reading body (or tunnel) bytes from the client."""
         self._pause_reading()
 
     def resume_for_upstream(self) -> None:
-        if self.state == C_BODY or self.state == C_TUNNEL:
+        state = self.state
+        if (state == C_BODY or state == C_TUNNEL) and not self.reading:
+            # Not reading was our choice, not the client's silence: its clock restarts now.
+            now = self.last_read = self.reactor.now
             self._resume_reading()
+            if state == C_BODY:
+                self._arm(now + self.srv.body_timeout)
 
     def _high_water(self) -> None:
         up = self.upstream
@@ -753,7 +774,8 @@ class ClientConn(_Stream):
                 return
         elif state == C_BODY:
             if self.reading:
-                deadline = self.last_read + srv.client_timeout
+                # The client went quiet in the middle of its request body (nginx client_body_timeout).
+                deadline = self.last_read + srv.body_timeout
                 if now >= deadline:
                     if self.resp_started:
                         self.abort()
@@ -765,11 +787,12 @@ class ClientConn(_Stream):
                         self._write_error(408)
                     return
             else:
+                # Paused by backpressure: the upstream's timer watches the backend meanwhile.
                 deadline = now + srv.check_interval
         elif state == C_WAIT:
             if self.out_bytes:
-                # The client stopped reading its response.
-                deadline = self.last_write + srv.client_timeout
+                # The client stopped reading its response (nginx send_timeout).
+                deadline = self.last_write + srv.send_timeout
                 if now >= deadline:
                     self.abort()
                     return
@@ -786,7 +809,7 @@ class ClientConn(_Stream):
                 return
         elif state == C_LINGER:
             if self.out_bytes:
-                deadline = self.last_write + srv.client_timeout
+                deadline = self.last_write + srv.send_timeout
             else:
                 deadline = self.linger_start + LINGER_TIMEOUT
             if now >= deadline:
@@ -1316,12 +1339,25 @@ class UpstreamConn(_Stream):
 
     def resume_reading(self) -> None:
         if not self.reading and not self.peer_eof:
+            # The pause was ours (a slow client), not the backend's silence: its clock restarts now.
+            now = self.last_active = self.reactor.now
             self._resume_reading()
+            if self.state == U_HEAD or self.state == U_BODY:
+                self._arm(now + self.srv.backend_timeout)
 
     def _resume_reading(self) -> None:
         self.reading = True
         if self.state != U_CONNECTING and self.state != U_CLOSED:
             self._set_events(self.events | EVENT_READ)
+
+    def request_sent(self) -> None:
+        """The client's request is complete: a response is due from now on (backend_timeout)."""
+        now = self.last_active = self.reactor.now
+        self._arm(now + self.srv.backend_timeout)
+
+    def _queue_started(self) -> None:
+        now = self.last_write = self.reactor.now
+        self._arm(now + self.srv.backend_timeout)
 
     def _high_water(self) -> None:
         client = self.client
@@ -1360,14 +1396,19 @@ class UpstreamConn(_Stream):
                 self._connect_failed(F_CONNECT_TIMEOUT, errno.ETIMEDOUT)
                 return
         elif state == U_HEAD or state == U_BODY:
-            if not self.reading:
-                # Paused because the client is slow to read: the client's timer watches that.
+            client = self.client
+            if self.out_bytes:
+                # The backend does not take the request bytes we have for it.
+                deadline = self.last_write + srv.backend_timeout
+            elif not self.reading or (client is not None and client.state == C_BODY and state == U_HEAD):
+                # Paused because the client is slow to read, or waiting for the rest of the client's
+                # request: neither is the backend's silence (the client's timer watches those).
                 deadline = now + srv.check_interval
             else:
                 deadline = self.last_active + srv.backend_timeout
-                if now >= deadline:
-                    self._fail(F_TIMEOUT, None)
-                    return
+            if now >= deadline:
+                self._fail(F_TIMEOUT, None)
+                return
         elif state == U_IDLE:
             deadline = self.idle_since + POOL_IDLE_TIMEOUT
             if now >= deadline:

@@ -85,6 +85,8 @@ class Balancer:
         self.client_timeout = c.client_timeout
         self.backend_timeout = c.backend_timeout
         self.tunnel_timeout = c.tunnel_timeout
+        self.body_timeout = c.body_timeout
+        self.send_timeout = c.send_timeout
         self.retries = c.retries
         self.max_connections = c.max_connections
         self.max_header_bytes = c.max_header_bytes
@@ -93,8 +95,10 @@ class Balancer:
         self.max_response_head = max(MAX_RESPONSE_HEAD, c.max_header_bytes)
         # Pipelined requests buffered while one is answered: one full head plus one read.
         self.pipeline_limit = c.max_header_bytes + 65536
-        # How often a connection with no deadline of its own looks at its state again.
-        self.check_interval = min(c.client_timeout, c.header_timeout, c.backend_timeout)
+        # How often a connection in a state with no deadline of its own looks at its state again (every
+        # transition into a state with a deadline arms the timer for it; this is the safety net).
+        self.check_interval = max(0.05, min(c.client_timeout, c.header_timeout, c.backend_timeout,
+                                            c.body_timeout, c.send_timeout))
 
     # ---- listening -------------------------------------------------------------------------------
     def listen(self, sockets: Optional[List[socket.socket]] = None, reuse_port: bool = False) -> None:
