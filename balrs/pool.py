@@ -1,29 +1,46 @@
 """Backends, their state and live counters, and the choice among them. No I/O here: the proxy owns
-the sockets; a backend only holds its idle pooled connections so the proxy can reuse them."""
+the sockets, ``health.py`` the probes; a backend only holds its idle pooled connections so the proxy
+can reuse them.
+
+A backend is *eligible* for new requests when it is up (by health checks), not ejected (by passive
+outlier detection) and not draining (removed by a reload). The strategy is told the eligible set
+whenever it changes, and picks among it per request; the pool then applies per-backend
+``max_connections`` (a full backend is skipped; when every eligible backend is full the request waits
+in a FIFO queue for a slot, up to ``queue_timeout``).
+"""
 
 from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Collection, Dict, List, Optional, Sequence, Tuple
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Collection, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .config import BackendConfig
 from .strategies import Strategy, make_strategy
 
 if TYPE_CHECKING:
     from .http.heads import RequestHead
-    from .proxy import UpstreamConn
+    from .proxy import ClientConn, UpstreamConn
 
-__all__ = ["Backend", "Pool", "resolve"]
+__all__ = ["Backend", "Pool", "resolve", "LATENCY_BUCKETS"]
 
 log = logging.getLogger("balrs")
 
 SockAddr = Tuple[Any, ...]
 
+# Upper bounds (seconds) of the per-backend latency histogram, time to response head (Prometheus
+# client default buckets).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Weight of a new sample in the response-time moving average (nginx Plus least_time and Envoy use
+# similar short windows): 0.3 follows a change within a few requests without jumping on one outlier.
+EWMA_ALPHA = 0.3
+
 
 def resolve(host: str, port: int) -> Tuple[int, SockAddr]:
-    """(family, sockaddr) for a backend address. Blocking: called at start-up and reload, never from
-    the event loop's request path."""
+    """(family, sockaddr) for a backend address. Blocking: called at start-up and reload and from
+    the resolver thread, never from the event loop's request path."""
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     if not infos:
         raise OSError("no address for %s" % host)
@@ -32,55 +49,165 @@ def resolve(host: str, port: int) -> Tuple[int, SockAddr]:
 
 
 class Backend:
-    """One backend server: its address, weight, state and counters."""
+    """One backend server: its address, weight, state and counters.
+
+    Strategies read ``eff_weight`` (the configured weight, ramped down during slow start), ``active``
+    and ``ewma``; health checks and passive outlier detection write ``up``/``ejected_until``;
+    the proxy updates the counters.
+    """
 
     __slots__ = (
-        "name", "config", "family", "sockaddr", "host_header", "weight", "max_connections",
-        "active", "requests", "failures", "up", "idle",
+        "name", "config", "family", "sockaddr", "host_header", "resolved",
+        "weight", "eff_weight", "max_connections",
+        "active", "requests", "failures", "responses", "latency", "latency_sum",
+        "up", "health_successes", "health_failures", "transitions", "last_check", "last_check_ok",
+        "ejected_until", "ejections", "consecutive_errors", "up_since", "draining",
+        "ewma", "ewma_at", "idle",
     )
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, now: float = 0.0, resolve_now: bool = True) -> None:
         self.name = config.name
         self.config = config
-        self.up = True
-        try:
-            self.family, self.sockaddr = resolve(config.address.host, config.address.port)
-        except OSError as exc:
-            log.error("backend %s: cannot resolve %s: %s", config.name, config.address.host, exc)
-            self.family, self.sockaddr = socket.AF_INET, ("0.0.0.0", 0)
-            self.up = False
+        # Address: resolved at start-up; host names are re-resolved off the loop (resolver thread).
+        self.family: int = socket.AF_INET
+        self.sockaddr: SockAddr = ("0.0.0.0", 0)
+        self.resolved = False
+        if resolve_now:
+            self.resolve()
         # Host field for requests that come without one (HTTP/1.0 clients).
         self.host_header = str(config.address).encode("ascii", "replace")
         self.weight = config.weight
+        self.eff_weight = config.weight
         self.max_connections = config.max_connections
-        self.active = 0        # requests in flight on this backend
-        self.requests = 0      # requests sent to it, ever
-        self.failures = 0      # connect failures, broken or timed-out responses
+        # Counters.
+        self.active = 0          # requests in flight on this backend
+        self.requests = 0        # requests sent to it, ever
+        self.failures = 0        # connect failures, broken or timed-out responses
+        self.responses = [0, 0, 0, 0, 0, 0]   # by status class: index 1..5 = 1xx..5xx
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # histogram counts, last = +Inf
+        self.latency_sum = 0.0
+        # Health (active checks) and passive outlier detection.
+        self.up = True
+        self.health_successes = 0    # consecutive passing probes
+        self.health_failures = 0     # consecutive failing probes
+        self.transitions = 0         # up <-> down changes
+        self.last_check = 0.0        # when the last probe finished
+        self.last_check_ok = True
+        self.ejected_until = 0.0     # passive: out of rotation until then
+        self.ejections = 0           # consecutive ejections (the cooldown grows with them)
+        self.consecutive_errors = 0  # live-traffic failures in a row
+        self.up_since = now          # when it (re)entered service, for slow start
+        self.draining = False        # removed by a reload; finishing its requests in flight
+        # Response time: moving average of time to response head; -1.0 = never measured.
+        self.ewma = -1.0
+        self.ewma_at = 0.0
         # Idle keep-alive connections, most recently used last (dicts keep insertion order, so
         # popitem() is LIFO and removing a connection the backend closed is O(1)).
         self.idle: Dict[UpstreamConn, None] = {}
 
+    def resolve(self) -> bool:
+        """Resolve the address now (blocking). Returns True on success."""
+        try:
+            self.family, self.sockaddr = resolve(self.config.address.host, self.config.address.port)
+        except OSError as exc:
+            log.error("backend %s: cannot resolve %s: %s", self.name, self.config.address.host, exc)
+            return False
+        self.resolved = True
+        return True
+
+    @property
+    def address(self) -> str:
+        return str(self.config.address)
+
+    @property
+    def eligible(self) -> bool:
+        """Up, resolved, not ejected and not draining (ejection expiry is applied by the pool)."""
+        return self.up and self.resolved and not self.draining and not self.ejected_until
+
+    @property
+    def state(self) -> str:
+        """``up``, ``down`` or ``drain`` (as /status reports it)."""
+        if self.draining:
+            return "drain"
+        return "up" if self.up and self.resolved and not self.ejected_until else "down"
+
+    @property
+    def full(self) -> bool:
+        return bool(self.max_connections) and self.active >= self.max_connections
+
+    def observe(self, seconds: float, now: float) -> None:
+        """A response head arrived ``seconds`` after the request was sent."""
+        if self.ewma < 0.0:
+            self.ewma = seconds
+        else:
+            self.ewma += EWMA_ALPHA * (seconds - self.ewma)
+        self.ewma_at = now
+        self.latency_sum += seconds
+        i = 0
+        for bound in LATENCY_BUCKETS:
+            if seconds <= bound:
+                break
+            i += 1
+        self.latency[i] += 1
+
     def __repr__(self) -> str:
-        return "<Backend %s %s>" % (self.name, self.config.address)
+        return "<Backend %s %s %s>" % (self.name, self.config.address, self.state)
 
 
 class Pool:
-    """The backends of a balancer and the strategy that picks among the eligible ones."""
+    """The backends of a balancer, the strategy that picks among the eligible ones, and the queue of
+    requests waiting for a backend slot."""
 
-    def __init__(self, configs: Sequence[BackendConfig], strategy: str) -> None:
-        self.backends: List[Backend] = [Backend(c) for c in configs]
+    def __init__(self, configs: Sequence[BackendConfig], strategy: str, hash_key: str = "client_ip",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        now = clock()
+        self.backends: List[Backend] = [Backend(c, now) for c in configs]
         self.strategy_name = strategy
-        self.strategy: Strategy = make_strategy(strategy, self.eligible())
+        self.hash_key = hash_key
+        self.strategy: Strategy = make_strategy(strategy, self.eligible(), hash_key)
+        # Requests waiting for a backend slot (every eligible backend at max_connections), FIFO.
+        self.queue: Deque[ClientConn] = deque()
+        self.limited = any(b.max_connections for b in self.backends)
+        # Called when a backend's eligibility changes (the health module logs and counts it).
+        self.on_change: Optional[Callable[[Backend, str], None]] = None
 
     def eligible(self) -> List[Backend]:
-        return [b for b in self.backends if b.up]
+        return [b for b in self.backends if b.eligible]
 
     def refresh(self) -> None:
         """Tell the strategy that health, weights or membership changed."""
         self.strategy.update(self.eligible())
 
+    def by_name(self, name: str) -> Optional[Backend]:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        return None
+
+    # ---- choosing ----------------------------------------------------------------------------------
     def choose(self, req: RequestHead, client_ip: str,
                exclude: Optional[Collection[Backend]] = None) -> Optional[Backend]:
-        if exclude:
-            return self.strategy.choose_excluding(req, client_ip, exclude)
-        return self.strategy.choose(req, client_ip)
+        """A backend for this request, or None (none eligible, or all eligible ones full: see
+        :meth:`all_full`). Retries pass the backends already tried in ``exclude``."""
+        strategy = self.strategy
+        b = (strategy.choose_excluding(req, client_ip, exclude) if exclude
+             else strategy.choose(req, client_ip))
+        if b is None or not self.limited or not b.full:
+            return b
+        # The strategy's pick is at max_connections: another eligible backend with a free slot.
+        tried = list(exclude or ())
+        tried.append(b)
+        for _ in range(len(strategy.backends)):
+            b = strategy.choose_excluding(req, client_ip, tried)
+            if b is None:
+                return None
+            if not b.full:
+                return b
+            tried.append(b)
+        return None
+
+    def all_full(self) -> bool:
+        """True when there are eligible backends but every one of them is at max_connections."""
+        backends = self.strategy.backends
+        return bool(backends) and all(b.full for b in backends)

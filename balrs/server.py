@@ -64,7 +64,7 @@ class Balancer:
         self.reactor = reactor if reactor is not None else Reactor()
         self.selector = self.reactor.selector
         self.config = config
-        self.pool = Pool(config.backends, _active_strategy(config.strategy))
+        self.pool = Pool(config.backends, _active_strategy(config.strategy), config.hash_key, self.reactor.clock)
         self.clients: Dict[ClientConn, None] = {}
         self.listeners: List[Tuple[socket.socket, Address]] = []
         self.listening = False

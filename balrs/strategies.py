@@ -154,7 +154,7 @@ STRATEGY_CLASSES: Dict[str, Callable[[Sequence[Backend]], Strategy]] = {
 }
 
 
-def make_strategy(name: str, backends: Sequence[Backend]) -> Strategy:
+def make_strategy(name: str, backends: Sequence[Backend], hash_key: str = "client_ip") -> Strategy:
     """The strategy for a canonical name (config.STRATEGIES maps aliases to these)."""
     cls = STRATEGY_CLASSES.get(name)
     if cls is None:
