@@ -76,16 +76,14 @@ def _log_inactive(config: Config) -> None:
     """Keys that parse but whose feature is not in this version: said once, never silently ignored."""
     if config.workers > 1:
         log.warning("workers = %d is not active in this version; running one process", config.workers)
-    if config.health is not None:
-        log.warning("[health] checks are not active in this version; every backend counts as up")
-    if config.admin is not None:
-        log.warning("[admin] endpoint is not active in this version")
-    limited = [b.name for b in config.backends if b.max_connections]
-    if limited:
-        log.warning("backend max_connections is not active in this version (%s)", ", ".join(limited))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "status":
+        # `python -m balrs status [ADMIN_ADDR] [--watch]`: the live report (like the seed's -r flag).
+        from .status import main as status_main
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load(args.config)
@@ -116,6 +114,11 @@ def run(config: Config) -> int:
         log.error("%s", exc.strerror or exc)
         return 1
     balancer.install_signal_handlers()
+    try:
+        balancer.start()
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        return 1
     log.info("balrs %s listening on %s; strategy %s; backends %s", __version__,
              ", ".join(str(a) for a in config.listen), config.strategy,
              ", ".join("%s=%s" % (b.name, b.address) for b in config.backends))

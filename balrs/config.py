@@ -58,6 +58,9 @@ DEFAULT_RESOLVE_INTERVAL = 30.0  # nginx `resolver ... valid=30s` in its docs; H
 DEFAULT_TUNNEL_TIMEOUT = 3600.0  # HAProxy `timeout tunnel 1h` (its WebSocket example)
 DEFAULT_BODY_TIMEOUT = 60.0  # nginx `client_body_timeout 60s`: a client stalls mid-request-body
 DEFAULT_SEND_TIMEOUT = 60.0  # nginx `send_timeout 60s`: a client stops reading its response
+DEFAULT_SLOW_START = 0.0  # off, like HAProxy `slowstart` and nginx Plus `slow_start` (both unset by default)
+DEFAULT_EJECT_AFTER = 5  # Envoy outlier detection `consecutive_gateway_failure` 5
+DEFAULT_EJECT_COOLDOWN = 10.0  # nginx `fail_timeout 10s`; Envoy `base_ejection_time` 30s
 
 # [health]: HAProxy server check defaults
 DEFAULT_HEALTH_PATH = "/health"
@@ -140,6 +143,9 @@ class Config:
     tunnel_timeout: float = DEFAULT_TUNNEL_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     send_timeout: float = DEFAULT_SEND_TIMEOUT
+    slow_start: float = DEFAULT_SLOW_START
+    eject_after: int = DEFAULT_EJECT_AFTER
+    eject_cooldown: float = DEFAULT_EJECT_COOLDOWN
     health: HealthConfig | None = None
     backends: tuple[BackendConfig, ...] = ()
     admin: AdminConfig | None = None
@@ -480,6 +486,9 @@ _BALANCER_KEYS: dict[str, tuple[_Parser, object]] = {
     "tunnel_timeout": (_duration(), DEFAULT_TUNNEL_TIMEOUT),  # extension: idle Upgrade/WebSocket tunnel
     "body_timeout": (_duration(), DEFAULT_BODY_TIMEOUT),  # extension: client silent mid-request-body -> 408
     "send_timeout": (_duration(), DEFAULT_SEND_TIMEOUT),  # extension: client not reading its response
+    "slow_start": (_duration(allow_zero=True), DEFAULT_SLOW_START),  # extension: weight ramp after recovery
+    "eject_after": (_int_range(0, MAX_RETRIES), DEFAULT_EJECT_AFTER),  # extension: passive outlier detection
+    "eject_cooldown": (_duration(), DEFAULT_EJECT_COOLDOWN),  # extension: first ejection time (doubles)
 }
 
 _HEALTH_KEYS: dict[str, tuple[_Parser, object]] = {

@@ -300,7 +300,7 @@ class ClientConn(_Stream):
         "inbuf", "client_ip", "client_ip_b", "suffix", "req", "req_bytes", "body_left", "decoder",
         "upstream", "close_after", "eof", "resp_started", "tried", "timeouts", "status", "out_framing",
         "idle_since", "head_start", "last_read", "reading", "processing", "linger_start", "linger_bytes",
-        "paused_for_pipeline", "linger",
+        "paused_for_pipeline", "linger", "queued_at",
     )
 
     def __init__(self, srv: Balancer, sock: socket.socket, client_ip: str) -> None:
@@ -332,6 +332,7 @@ class ClientConn(_Stream):
         self.linger_bytes = 0
         self.linger = False
         self.paused_for_pipeline = False
+        self.queued_at = 0.0  # > 0 while waiting in the pool's queue for a backend slot
         self._set_events(EVENT_READ)
         self._arm(now + srv.client_timeout)
 
@@ -470,10 +471,21 @@ class ClientConn(_Stream):
                 self._arm(when)
             self.decoder = (ChunkedDecoder(srv.max_body_bytes, srv.max_header_bytes, 400)
                             if req.framing == CHUNKED else None)
-        backend = srv.pool.strategy.choose(req, self.client_ip)
+        pool = srv.pool
+        backend = pool.choose(req, self.client_ip) if pool.limited else pool.strategy.choose(req, self.client_ip)
         if backend is None:
-            self._reply_error(503)
+            if pool.limited and pool.all_full():
+                self._enqueue()
+            else:
+                # No backend is up (health checks, ejections, or none configured).
+                self._reply_error(503)
             return
+        self._dispatch(backend)
+
+    def _dispatch(self, backend: Backend) -> None:
+        """Send the request to ``backend``: over an idle pooled connection if it has one."""
+        req = self.req
+        assert req is not None
         self.req_bytes = data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
         # An idle pooled connection (most recently used first), or a new one.
         idle = backend.idle
@@ -487,6 +499,38 @@ class ClientConn(_Stream):
             self._send_to(backend, data, len(data), True)
         if self.state == C_BODY and self.inbuf.buf:
             self._body_data(self.inbuf.take())
+
+    def _enqueue(self) -> None:
+        """Every eligible backend is at max_connections: wait for a slot (FIFO), up to queue_timeout.
+        Reading pauses meanwhile: a body stays in the kernel's buffers, not ours."""
+        srv = self.srv
+        now = self.queued_at = self.reactor.now
+        srv.pool.queue.append(self)
+        self._pause_reading()
+        self._arm(now + srv.queue_timeout)
+
+    def dequeue(self) -> bool:
+        """Called by the balancer when a backend slot may be free: take it if so. Returns False when
+        this request must keep waiting."""
+        req = self.req
+        if req is None or not self.queued_at:
+            return True
+        backend = self.srv.pool.choose(req, self.client_ip)
+        if backend is None:
+            return False
+        self.queued_at = 0.0
+        self._dispatch(backend)
+        if self.state == C_BODY:
+            self.resume_for_upstream()
+        return True
+
+    def _leave_queue(self) -> None:
+        if self.queued_at:
+            self.queued_at = 0.0
+            try:
+                self.srv.pool.queue.remove(self)
+            except ValueError:
+                pass
 
     def _send_to(self, backend: Backend, pending: Union[bytes, Deque[Chunk]], nbytes: int, fresh: bool) -> None:
         """Hand the request (its bytes so far) to a connection to ``backend``: a new one if ``fresh``,
@@ -761,6 +805,15 @@ class ClientConn(_Stream):
         srv = self.srv
         now = self.reactor.now
         state = self.state
+        if self.queued_at:
+            deadline = self.queued_at + srv.queue_timeout
+            if now >= deadline:
+                # HAProxy answers 503 when `timeout queue` expires.
+                self._leave_queue()
+                self._reply_error(503)
+                return
+            self._arm(deadline)
+            return
         if state == C_IDLE:
             deadline = self.idle_since + srv.client_timeout
             if now >= deadline:
@@ -895,6 +948,7 @@ class ClientConn(_Stream):
     def close(self) -> None:
         if self.state == C_CLOSED:
             return
+        self._leave_queue()
         self.state = C_CLOSED
         up = self.upstream
         if up is not None:
@@ -912,7 +966,7 @@ class UpstreamConn(_Stream):
     __slots__ = (
         "backend", "client", "hbuf", "framing", "out_framing", "body_left", "decoder", "keep", "reused",
         "got_bytes", "last_active", "connect_start", "head_request", "idle_since", "reading", "peer_eof",
-        "connect_error",
+        "connect_error", "sent_at",
     )
 
     def __init__(self, srv: Balancer, backend: Backend) -> None:
@@ -942,6 +996,7 @@ class UpstreamConn(_Stream):
         self.reading = True
         self.peer_eof = False
         self.connect_error = 0
+        self.sent_at = now
         self.state = U_CONNECTING
         err = sock.connect_ex(backend.sockaddr)
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
@@ -971,7 +1026,7 @@ class UpstreamConn(_Stream):
         backend.requests += 1
         req = client.req
         self.head_request = req is not None and req.method == b"HEAD"
-        self.last_active = self.reactor.now
+        self.last_active = self.sent_at = self.reactor.now
         if isinstance(pending, bytes):
             self.out.append(pending)
         else:
@@ -991,7 +1046,7 @@ class UpstreamConn(_Stream):
         self.framing = NO_BODY
         self.reused = True
         self.state = U_HEAD  # U_IDLE -> U_HEAD
-        now = self.last_active = self.reactor.now
+        now = self.last_active = self.sent_at = self.reactor.now
         when = now + self.srv.backend_timeout
         if self.timer_when > when:
             self._arm(when)
@@ -1013,7 +1068,10 @@ class UpstreamConn(_Stream):
         client = self.client
         if client is not None:
             self.client = None
-            self.backend.active -= 1
+            backend = self.backend
+            backend.active -= 1
+            if backend.max_connections and self.srv.pool.queue:
+                self.srv.pump_queue()
         return client
 
     # ---- events --------------------------------------------------------------------------------
@@ -1047,6 +1105,7 @@ class UpstreamConn(_Stream):
     def _connect_failed(self, why: int, err: int) -> None:
         backend = self.backend
         backend.failures += 1
+        self.srv.health.failure(backend, "connect")
         log.warning("backend %s (%s): connect failed: %s", backend.name, backend.config.address,
                     "timed out" if why == F_CONNECT_TIMEOUT else errno.errorcode.get(err, str(err)))
         client = self._detach()
@@ -1124,6 +1183,12 @@ class UpstreamConn(_Stream):
             if not rest:
                 return
             data = rest
+        backend = self.backend
+        now = self.reactor.now
+        backend.observe(now - self.sent_at, now)
+        backend.responses[status // 100] += 1
+        if backend.consecutive_errors:
+            self.srv.health.success(backend)
         left = resp.length - len(rest)
         if (resp.framing == LENGTH and not resp.rewrite and left >= 0 and client.state == C_WAIT
                 and not client.close_after and len(head) + len(rest) == len(data) and not self.srv.draining):
@@ -1240,6 +1305,8 @@ class UpstreamConn(_Stream):
         if client is not None:
             self.client = None
             backend.active -= 1
+            if backend.max_connections and self.srv.pool.queue:
+                self.srv.pump_queue()
         self.decoder = None
         idle = backend.idle
         if (self.keep and client is not None and client.state == C_WAIT and not self.out
@@ -1301,6 +1368,7 @@ class UpstreamConn(_Stream):
         backend = self.backend
         if why != F_STALE:
             backend.failures += 1
+            self.srv.health.failure(backend, "timeout" if why == F_TIMEOUT else "reset")
             log.warning("backend %s: %s", backend.name,
                         message or ("timed out after %gs" % self.srv.backend_timeout))
         client = self._detach()

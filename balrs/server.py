@@ -12,7 +12,9 @@ import signal
 import socket
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .admin import AdminServer
 from .config import Address, Config
+from .health import Health
 from .pool import Pool
 from .proxy import ClientConn
 from .reactor import EVENT_READ, Reactor
@@ -76,7 +78,10 @@ class Balancer:
         # Counters (the admin endpoint reports them): responses by status code, indexed directly.
         self.status_counts: List[int] = [0] * 1000
         self.accepted = 0
+        self._pump_scheduled = False
         self._apply_settings(config)
+        self.health = Health(self)
+        self.admin: Optional[AdminServer] = AdminServer(self) if config.admin is not None else None
 
     def _apply_settings(self, c: Config) -> None:
         # Copied to plain attributes: connections read them on every request.
@@ -92,6 +97,7 @@ class Balancer:
         self.max_header_bytes = c.max_header_bytes
         self.max_body_bytes = c.max_body_bytes
         self.drain_timeout = c.drain_timeout
+        self.queue_timeout = c.queue_timeout
         self.max_response_head = max(MAX_RESPONSE_HEAD, c.max_header_bytes)
         # Pipelined requests buffered while one is answered: one full head plus one read.
         self.pipeline_limit = c.max_header_bytes + 65536
@@ -184,6 +190,22 @@ class Balancer:
             self._start_accepting()
 
     # ---- backends ----------------------------------------------------------------------------------
+    def pump_queue(self) -> None:
+        """A backend slot may have freed up (or a backend came back): let waiting requests try again,
+        in order, from the loop (not from inside the connection code that freed the slot)."""
+        if not self._pump_scheduled and self.pool.queue:
+            self._pump_scheduled = True
+            self.reactor.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        queue = self.pool.queue
+        while queue:
+            client = queue.popleft()
+            if not client.dequeue():
+                queue.appendleft(client)
+                break
+
     def responses(self) -> Dict[int, int]:
         """Responses sent, by status code."""
         return {code: n for code, n in enumerate(self.status_counts) if n}
@@ -202,11 +224,20 @@ class Balancer:
         log.info("%s: draining (up to %gs)", signal.Signals(signum).name, self.drain_timeout)
         self.drain()
 
+    def start(self) -> None:
+        """Start what runs beside the proxy: health probes and the admin endpoint."""
+        self.health.start()
+        if self.admin is not None:
+            self.admin.start()
+
     def drain(self) -> None:
         """Stop accepting, close idle connections, let requests in flight finish (up to drain_timeout)."""
         if self.draining:
             return
         self._stop_accepting()
+        self.health.stop()
+        if self.admin is not None:
+            self.admin.stop()
         self.draining = True
         for sock, _addr in self.listeners:
             sock.close()
@@ -236,6 +267,9 @@ class Balancer:
             return
         self.stopped = True
         self._stop_accepting()
+        self.health.stop()
+        if self.admin is not None:
+            self.admin.stop()
         for sock, _addr in self.listeners:
             sock.close()
         self.listeners = []
