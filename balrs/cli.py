@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import resource
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .config import STRATEGIES, Config, ConfigError, load, parse_address
@@ -102,12 +102,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format=LOG_FORMAT, stream=sys.stderr)
     _raise_fd_limit()
     _log_inactive(config)
-    return run(config)
+    return run(config, lambda c: apply_overrides(c, args.listen, args.strategy))
 
 
-def run(config: Config) -> int:
+def run(config: Config, overrides: Optional[Callable[[Config], Config]] = None) -> int:
     from .server import Balancer
-    balancer = Balancer(config)
+    balancer = Balancer(config, overrides=overrides)
     try:
         balancer.listen()
     except OSError as exc:

@@ -169,8 +169,43 @@ class Pool:
         # Requests waiting for a backend slot (every eligible backend at max_connections), FIFO.
         self.queue: Deque[ClientConn] = deque()
         self.limited = any(b.max_connections for b in self.backends)
-        # Called when a backend's eligibility changes (the health module logs and counts it).
-        self.on_change: Optional[Callable[[Backend, str], None]] = None
+        # Backends a reload removed while they still had requests in flight (reported as "drain").
+        self.retired: List[Backend] = []
+
+    def reload(self, configs: Sequence[BackendConfig], strategy: str, hash_key: str,
+               resolve_now: Callable[[BackendConfig], bool]) -> Tuple[List[Backend], List[Backend]]:
+        """Adopt a new backend list. A backend whose name and address are unchanged keeps its object,
+        so its health state and counters carry over; a new one starts fresh (resolved now only if
+        ``resolve_now(config)``; host names go to the resolver thread); a removed one drains: it gets
+        no new requests and finishes those in flight. Returns (added, removed)."""
+        now = self.clock()
+        old = {(b.name, str(b.config.address)): b for b in self.backends}
+        backends: List[Backend] = []
+        added: List[Backend] = []
+        for c in configs:
+            b = old.pop((c.name, str(c.address)), None)
+            if b is None:
+                b = Backend(c, now, resolve_now(c))
+                added.append(b)
+            else:
+                b.config = c
+                b.weight = c.weight
+                b.eff_weight = c.weight
+                b.max_connections = c.max_connections
+            backends.append(b)
+        removed = list(old.values())
+        for b in removed:
+            b.draining = True
+        self.retired = [b for b in self.retired + removed if b.active]
+        self.backends = backends
+        self.limited = any(b.max_connections for b in backends)
+        if strategy != self.strategy_name or hash_key != self.hash_key:
+            self.strategy_name = strategy
+            self.hash_key = hash_key
+            self.strategy = make_strategy(strategy, self.eligible(), hash_key)
+        else:
+            self.refresh()
+        return added, removed
 
     def eligible(self) -> List[Backend]:
         return [b for b in self.backends if b.eligible]

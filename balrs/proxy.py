@@ -1310,7 +1310,8 @@ class UpstreamConn(_Stream):
         self.decoder = None
         idle = backend.idle
         if (self.keep and client is not None and client.state == C_WAIT and not self.out
-                and self.framing != CLOSE_DELIMITED and len(idle) < POOL_MAX_IDLE and not self.srv.draining):
+                and self.framing != CLOSE_DELIMITED and len(idle) < POOL_MAX_IDLE and not self.srv.draining
+                and not backend.draining):
             # Back to the pool: the request went out whole and the response came in whole.
             self.state = U_IDLE  # U_HEAD/U_BODY -> U_IDLE
             now = self.idle_since = self.reactor.now

@@ -15,7 +15,8 @@ import selectors
 import signal
 import socket
 import time
-from typing import Callable, Dict, List, Optional
+from collections import deque
+from typing import Callable, Deque, Dict, List, Optional
 
 from .timerwheel import Timer, TimerWheel
 
@@ -43,6 +44,11 @@ class Reactor:
         self._wakeup_w: Optional[socket.socket] = None
         self._old_wakeup_fd = -1
         self._soon: List[Callable[[], object]] = []
+        # Callbacks handed over by other threads (the resolver): a deque append is atomic, and a byte
+        # on a socket pair wakes the loop up.
+        self._threadsafe: Deque[Callable[[], object]] = deque()
+        self._thread_r: Optional[socket.socket] = None
+        self._thread_w: Optional[socket.socket] = None
 
     # ---- file descriptors ------------------------------------------------------------------------
     def register(self, fd: int, events: int, callback: IOCallback) -> None:
@@ -64,6 +70,42 @@ class Reactor:
     def call_soon(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` after the current batch of events (used to break re-entrancy)."""
         self._soon.append(callback)
+
+    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` on the loop thread soon; callable from any thread."""
+        self._threadsafe.append(callback)
+        w = self._thread_w
+        if w is not None:
+            try:
+                w.send(b"\0")
+            except (BlockingIOError, InterruptedError):
+                pass  # the socket buffer is full of wake-ups already
+            except OSError:
+                pass  # closed during shutdown
+
+    def enable_threadsafe(self) -> None:
+        """Create the wake-up socket pair for :meth:`call_soon_threadsafe` (call on the loop thread)."""
+        if self._thread_r is None:
+            r, w = socket.socketpair()
+            r.setblocking(False)
+            w.setblocking(False)
+            self._thread_r, self._thread_w = r, w
+            self.register(r.fileno(), EVENT_READ, self._on_thread_wakeup)
+
+    def _on_thread_wakeup(self, mask: int) -> None:
+        r = self._thread_r
+        if r is not None:
+            try:
+                r.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                pass
+        pending = self._threadsafe
+        while pending:
+            cb = pending.popleft()
+            try:
+                cb()
+            except Exception:
+                log.exception("unhandled error in a callback from another thread")
 
     # ---- signals ---------------------------------------------------------------------------------
     def add_signal_handler(self, signum: int, handler: Callable[[int], None]) -> None:
@@ -136,6 +178,14 @@ class Reactor:
 
     def close(self) -> None:
         self.remove_signal_handlers()
+        if self._thread_r is not None and self._thread_w is not None:
+            try:
+                self.unregister(self._thread_r.fileno())
+            except (KeyError, ValueError):
+                pass
+            self._thread_r.close()
+            self._thread_w.close()
+            self._thread_r = self._thread_w = None
         self.selector.close()
 
 

@@ -13,8 +13,9 @@ import socket
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .admin import AdminServer
-from .config import Address, Config
+from .config import Address, Config, ConfigError, load
 from .health import Health
+from .resolver import Resolver, is_ip_literal
 from .pool import Pool
 from .proxy import ClientConn
 from .reactor import EVENT_READ, Reactor
@@ -62,10 +63,14 @@ def bind_listener(addr: Address, reuse_port: bool = False) -> socket.socket:
 class Balancer:
     """Everything one balrs process serves with."""
 
-    def __init__(self, config: Config, reactor: Optional[Reactor] = None) -> None:
+    def __init__(self, config: Config, reactor: Optional[Reactor] = None,
+                 overrides: Optional[Callable[[Config], Config]] = None, reuse_port: bool = False) -> None:
         self.reactor = reactor if reactor is not None else Reactor()
         self.selector = self.reactor.selector
         self.config = config
+        # Command-line overrides, applied again to every reloaded file.
+        self.overrides = overrides
+        self.reuse_port = reuse_port
         self.pool = Pool(config.backends, _active_strategy(config.strategy), config.hash_key, self.reactor.clock)
         self.clients: Dict[ClientConn, None] = {}
         self.listeners: List[Tuple[socket.socket, Address]] = []
@@ -81,6 +86,7 @@ class Balancer:
         self._pump_scheduled = False
         self._apply_settings(config)
         self.health = Health(self)
+        self.resolver = Resolver(self)
         self.admin: Optional[AdminServer] = AdminServer(self) if config.admin is not None else None
 
     def _apply_settings(self, c: Config) -> None:
@@ -107,21 +113,21 @@ class Balancer:
                                             c.body_timeout, c.send_timeout))
 
     # ---- listening -------------------------------------------------------------------------------
-    def listen(self, sockets: Optional[List[socket.socket]] = None, reuse_port: bool = False) -> None:
-        """Bind every ``listen`` address (or adopt already bound ``sockets``) and start accepting."""
-        if sockets is None:
-            bound: List[Tuple[socket.socket, Address]] = []
-            try:
-                for addr in self.config.listen:
-                    bound.append((bind_listener(addr, reuse_port), addr))
-            except OSError:
-                for s, _a in bound:
-                    s.close()
-                raise
-            self.listeners = bound
-        else:
-            self.listeners = list(zip(sockets, self.config.listen))
+    def listen(self) -> None:
+        """Bind every ``listen`` address and start accepting. Raises OSError naming the address."""
+        self.listeners = self._bind(self.config.listen)
         self._start_accepting()
+
+    def _bind(self, addrs: "tuple[Address, ...] | List[Address]") -> List[Tuple[socket.socket, Address]]:
+        bound: List[Tuple[socket.socket, Address]] = []
+        try:
+            for addr in addrs:
+                bound.append((bind_listener(addr, self.reuse_port), addr))
+        except OSError:
+            for s, _a in bound:
+                s.close()
+            raise
+        return bound
 
     def _start_accepting(self) -> None:
         if self.listening or self.draining:
@@ -214,6 +220,74 @@ class Balancer:
     def install_signal_handlers(self) -> None:
         self.reactor.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         self.reactor.add_signal_handler(signal.SIGINT, self._on_stop_signal)
+        self.reactor.add_signal_handler(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self, signum: int) -> None:
+        if self.draining:
+            return
+        log.info("SIGHUP: reloading %s", self.config.path)
+        self.reload_file()
+
+    def reload_file(self) -> bool:
+        """Re-read the configuration file and apply it; on any error keep running the old one."""
+        try:
+            config = load(self.config.path)
+            if self.overrides is not None:
+                config = self.overrides(config)
+        except (ConfigError, ValueError) as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return False
+        try:
+            self.reload(config)
+        except OSError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc.strerror or exc)
+            return False
+        return True
+
+    def reload(self, config: Config) -> None:
+        """Apply a new configuration without dropping an established client connection (idle ones,
+        tunnels and requests in flight included) or a request in flight: new listen addresses are
+        bound first (an error changes nothing), removed ones stop accepting; backends are matched by
+        name and address so health state and counters carry over."""
+        old = self.config
+        keep = [(s, a) for s, a in self.listeners if a in config.listen]
+        fresh = self._bind([a for a in config.listen if a not in {b for _s, b in self.listeners}])
+        for s, a in self.listeners:
+            if a not in config.listen:
+                if self.listening:
+                    try:
+                        self.reactor.unregister(s.fileno())
+                    except (KeyError, ValueError):
+                        pass
+                s.close()
+        if self.listening:
+            for s, _a in fresh:
+                self.reactor.register(s.fileno(), EVENT_READ, self._make_acceptor(s))
+        self.listeners = keep + fresh
+
+        self.config = config
+        self._apply_settings(config)
+        added, removed = self.pool.reload(
+            config.backends, _active_strategy(config.strategy), config.hash_key,
+            lambda c: is_ip_literal(c.address.host))
+        for b in removed:
+            for up in list(b.idle):
+                up.close()
+        self.health.reload()
+        if any(not b.resolved for b in added):
+            self.resolver.trigger()
+        if config.admin != old.admin:
+            if self.admin is not None:
+                self.admin.stop()
+            self.admin = AdminServer(self) if config.admin is not None else None
+            if self.admin is not None:
+                self.admin.start()
+        if not self.listening and len(self.clients) < self.max_connections and self._accept_timer is None:
+            self._start_accepting()
+        self.pump_queue()
+        log.info("reloaded: %d backend(s)%s%s; strategy %s", len(self.pool.backends),
+                 "; added %s" % ", ".join(b.name for b in added) if added else "",
+                 "; removed %s" % ", ".join(b.name for b in removed) if removed else "", config.strategy)
 
     def _on_stop_signal(self, signum: int) -> None:
         if self.draining:
@@ -225,8 +299,9 @@ class Balancer:
         self.drain()
 
     def start(self) -> None:
-        """Start what runs beside the proxy: health probes and the admin endpoint."""
+        """Start what runs beside the proxy: health probes, the resolver thread, the admin endpoint."""
         self.health.start()
+        self.resolver.start()
         if self.admin is not None:
             self.admin.start()
 
@@ -236,6 +311,7 @@ class Balancer:
             return
         self._stop_accepting()
         self.health.stop()
+        self.resolver.stop()
         if self.admin is not None:
             self.admin.stop()
         self.draining = True
@@ -268,6 +344,7 @@ class Balancer:
         self.stopped = True
         self._stop_accepting()
         self.health.stop()
+        self.resolver.stop()
         if self.admin is not None:
             self.admin.stop()
         for sock, _addr in self.listeners:
