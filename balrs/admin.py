@@ -1,24 +1,417 @@
-"""The admin endpoint: /metrics (Prometheus text) and /status (JSON), served by the same reactor.
+"""The admin endpoint: ``/metrics`` (Prometheus text) and ``/status`` (JSON), served by the same reactor.
 
-(Interface in place; the endpoint lands with the admin change.)
+It has sockets of its own and never touches a client or upstream connection, so it stays off the
+proxy's path. Each admin connection answers one request and closes (``Connection: close``): a scrape
+every few seconds gains nothing from keep-alive, and one request per connection keeps the state machine
+to three steps: read the head, write the answer, linger. Memory is bounded (at most
+``ADMIN_MAX_CONNECTIONS`` connections, each holding at most one head of ``ADMIN_HEAD_LIMIT`` bytes and
+one response) and so is time (every step has a deadline), so a stuck or hostile admin client costs a
+socket for a few seconds and nothing else.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import errno
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+
+from .http.build import REASONS
+from .http.errors import ProtocolError
+from .http.heads import HeadBuffer, RequestHead, parse_request_head
+from .metrics import CONTENT_TYPE, STATUS_CONTENT_TYPE, render_metrics, status_json
+from .reactor import EVENT_READ, EVENT_WRITE
+from .timerwheel import Timer
 
 if TYPE_CHECKING:
+    from .config import Address
     from .server import Balancer
 
-__all__ = ["AdminServer"]
+__all__ = ["AdminServer", "ADMIN_HEAD_LIMIT", "ADMIN_REQUEST_TIMEOUT", "ADMIN_MAX_CONNECTIONS"]
+
+log = logging.getLogger("balrs")
+
+# ---- limits (STYLE habit 4) -----------------------------------------------------------------------
+# The largest request head accepted (nginx's large_client_header_buffers are 8 KiB each): admin requests
+# are a request line and a few fields; past it the answer is 431 (414 for an over-long request line).
+ADMIN_HEAD_LIMIT = 8192
+# Bytes read per recv().
+ADMIN_RECV_SIZE = 4096
+# A complete request head must arrive within this of the accept (nginx client_header_timeout is 60s;
+# a scraper sends its request at once, so a short bound only ever closes idle or slowloris sockets).
+ADMIN_REQUEST_TIMEOUT = 5.0
+# The client must take some of the response within this (nginx send_timeout, between two writes).
+ADMIN_SEND_TIMEOUT = 5.0
+# After the response, what the client still sends is read and dropped for this long (at most
+# ADMIN_LINGER_MAX_BYTES), so that closing does not reset the connection before the client read the
+# answer (nginx lingering_close; lingering_timeout 5s there).
+ADMIN_LINGER = 1.0
+ADMIN_LINGER_MAX_BYTES = 65536
+# Admin connections open at once; above it new ones wait in the listen backlog (Prometheus scrapes one
+# connection at a time, so a handful of operators and scrapers stay well below this).
+ADMIN_MAX_CONNECTIONS = 64
+# Accepts per readiness event (the balancer's loop bound, smaller: this is not the hot path).
+ADMIN_ACCEPT_BATCH = 16
+# After EMFILE/ENFILE, stop accepting admin connections this long (like the balancer's listeners).
+ADMIN_ACCEPT_BACKOFF = 0.5
+
+ALLOW = b"GET, HEAD"
+
+_INDEX = (
+    b"<!DOCTYPE html>\n<html><head><title>balrs admin</title></head><body>\n<h1>balrs admin</h1>\n<ul>\n"
+    b'<li><a href="/metrics">/metrics</a>: Prometheus text format</li>\n'
+    b'<li><a href="/status">/status</a>: backends and their state, JSON</li>\n'
+    b"</ul>\n</body></html>\n"
+)
+
+# Connection states: read the request head, write the response, drain what the client still sends.
+_READ = 0
+_WRITE = 1
+_LINGER = 2
+_CLOSED = 3
+
+
+def build_response(status: int, content_type: bytes, body: bytes, head_only: bool = False,
+                   extra: bytes = b"") -> bytes:
+    """A complete ``Connection: close`` response; ``extra`` is more header lines (each ending CRLF)."""
+    reason = REASONS.get(status, b"Error")
+    head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nCache-Control: no-store\r\n"
+            b"%sConnection: close\r\n\r\n" % (status, reason, content_type, len(body), extra))
+    return head if head_only else head + body
+
+
+def _error(status: int, head_only: bool = False, extra: bytes = b"") -> bytes:
+    body = b"%d %s\n" % (status, REASONS.get(status, b"Error"))
+    return build_response(status, b"text/plain; charset=utf-8", body, head_only, extra)
+
+
+def request_path(target: bytes) -> Optional[bytes]:
+    """The path of a request target without its query (origin or absolute form), or None for the
+    authority and asterisk forms (RFC 9112 §3.2), which name no resource here."""
+    if not target.startswith(b"/"):
+        scheme_end = target.find(b"://")
+        if scheme_end <= 0:
+            return None
+        slash = target.find(b"/", scheme_end + 3)
+        if slash < 0:
+            return b"/"
+        target = target[slash:]
+    end = len(target)
+    for sep in (b"?", b"#"):
+        i = target.find(sep)
+        if 0 <= i < end:
+            end = i
+    return target[:end]
 
 
 class AdminServer:
+    """Serves the admin endpoint on every ``[admin] listen`` address, on the balancer's reactor."""
+
     def __init__(self, srv: Balancer) -> None:
         self.srv = srv
+        self.listeners: List[Tuple[socket.socket, Address]] = []
+        self.conns: Dict[_AdminConn, None] = {}
+        self.accepting = False
+        self.started = False
+        self._accept_timer: Optional[Timer] = None
+        # When this process started serving (Unix time), reported as balrs_start_time_seconds.
+        self.start_time = time.time()
 
+    # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Bind [admin] listen and serve."""
+        """Bind [admin] listen and serve. Raises OSError naming the address if one cannot be bound."""
+        if self.started:
+            return
+        from .server import bind_listener  # here: server.py imports this module
+        admin = self.srv.config.admin
+        if admin is None:
+            return
+        bound: List[Tuple[socket.socket, Address]] = []
+        try:
+            for addr in admin.listen:
+                bound.append((bind_listener(addr), addr))
+        except OSError:
+            for sock, _addr in bound:
+                sock.close()
+            raise
+        self.listeners = bound
+        self.started = True
+        self._start_accepting()
+        log.info("admin endpoint on %s (/metrics, /status)", ", ".join(str(a) for _s, a in bound))
 
     def stop(self) -> None:
-        """Close the listeners and any admin connections."""
+        """Close the listeners and any admin connections (idempotent)."""
+        self._stop_accepting()
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+            self._accept_timer = None
+        for sock, _addr in self.listeners:
+            sock.close()
+        self.listeners = []
+        for conn in list(self.conns):
+            conn.close()
+        self.started = False
+
+    # ---- accepting ------------------------------------------------------------------------------
+    def _start_accepting(self) -> None:
+        if self.accepting or not self.listeners:
+            return
+        for sock, _addr in self.listeners:
+            self.srv.reactor.register(sock.fileno(), EVENT_READ, self._make_acceptor(sock))
+        self.accepting = True
+
+    def _stop_accepting(self) -> None:
+        if not self.accepting:
+            return
+        for sock, _addr in self.listeners:
+            try:
+                self.srv.reactor.unregister(sock.fileno())
+            except (KeyError, ValueError):
+                pass
+        self.accepting = False
+
+    def _make_acceptor(self, lsock: socket.socket) -> Callable[[int], None]:
+        def on_accept(mask: int) -> None:
+            self._accept(lsock)
+        return on_accept
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(ADMIN_ACCEPT_BATCH):
+            try:
+                sock, _peer = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("admin accept: %s; pausing admin accepts for %gs", exc.strerror,
+                              ADMIN_ACCEPT_BACKOFF)
+                    self._stop_accepting()
+                    self._accept_timer = self.srv.reactor.call_later(ADMIN_ACCEPT_BACKOFF, self._resume)
+                else:
+                    log.error("admin accept: %s", exc)
+                return
+            try:
+                sock.setblocking(False)
+                conn = _AdminConn(self, sock)
+            except OSError as exc:
+                log.warning("admin connection failed: %s", exc)
+                sock.close()
+                continue
+            self.conns[conn] = None
+            if len(self.conns) >= ADMIN_MAX_CONNECTIONS:
+                self._stop_accepting()
+                return
+
+    def _resume(self) -> None:
+        self._accept_timer = None
+        if self.listeners and len(self.conns) < ADMIN_MAX_CONNECTIONS:
+            self._start_accepting()
+
+    def conn_closed(self, conn: _AdminConn) -> None:
+        self.conns.pop(conn, None)
+        if (self.listeners and not self.accepting and self._accept_timer is None
+                and len(self.conns) < ADMIN_MAX_CONNECTIONS):
+            self._start_accepting()
+
+    # ---- answering ------------------------------------------------------------------------------
+    def answer(self, req: RequestHead) -> Tuple[int, bytes]:
+        """(status, complete response bytes) for one admin request."""
+        head_only = req.method == b"HEAD"
+        path = request_path(req.target)
+        if path not in (b"/", b"/metrics", b"/status"):
+            return 404, _error(404, head_only)
+        if req.method not in (b"GET", b"HEAD"):
+            return 405, _error(405, extra=b"Allow: %s\r\n" % ALLOW)
+        try:
+            if path == b"/metrics":
+                body = render_metrics(self.srv, self.start_time).encode("utf-8")
+                ctype = CONTENT_TYPE.encode("ascii")
+            elif path == b"/status":
+                body = status_json(self.srv)
+                ctype = STATUS_CONTENT_TYPE.encode("ascii")
+            else:
+                body = _INDEX
+                ctype = b"text/html; charset=utf-8"
+        except Exception as exc:  # a bug in rendering must cost one answer, not the loop or a traceback
+            log.error("admin: cannot answer %s: %s: %s", path.decode("ascii", "replace"),
+                      type(exc).__name__, exc)
+            return 500, _error(500, head_only)
+        return 200, build_response(200, ctype, body, head_only)
+
+
+class _AdminConn:
+    """One admin connection: read a request head, write one response, linger, close."""
+
+    __slots__ = ("admin", "reactor", "sock", "fd", "events", "state", "head", "out", "deadline", "timer",
+                 "discarded", "_io")
+
+    def __init__(self, admin: AdminServer, sock: socket.socket) -> None:
+        self.admin = admin
+        self.reactor = admin.srv.reactor
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.events = 0
+        self.state = _READ
+        self.head = HeadBuffer(ADMIN_HEAD_LIMIT)
+        self.out: memoryview = memoryview(b"")
+        self.discarded = 0
+        self.timer: Optional[Timer] = None
+        self.deadline = 0.0
+        self._io = self._on_io
+        self._set_events(EVENT_READ)
+        self._set_deadline(self.reactor.now + ADMIN_REQUEST_TIMEOUT)
+
+    def __repr__(self) -> str:
+        return "<AdminConn fd=%d state=%d>" % (self.fd, self.state)
+
+    # ---- selector and timer ----
+    def _set_events(self, events: int) -> None:
+        old = self.events
+        if events == old:
+            return
+        if old == 0:
+            self.reactor.register(self.fd, events, self._io)
+        elif events == 0:
+            self.reactor.unregister(self.fd)
+        else:
+            self.reactor.modify(self.fd, events, self._io)
+        self.events = events
+
+    def _set_deadline(self, when: float) -> None:
+        """Move the deadline; the timer is only rescheduled when it would fire too late (a later
+        deadline is picked up when the earlier timer fires: lazy re-arm, STYLE habit 10)."""
+        self.deadline = when
+        t = self.timer
+        if t is not None and t.active and t.when <= when:
+            return
+        if t is not None:
+            t.cancel()
+        self.timer = self.reactor.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.state == _CLOSED:
+            return
+        if self.reactor.now < self.deadline:
+            self.timer = self.reactor.call_at(self.deadline, self._on_timer)
+            return
+        if self.state == _READ and len(self.head):
+            # Part of a head arrived but not the rest (slowloris): say so, like the balancer does.
+            self._respond(_error(408))
+        else:
+            self.close()
+
+    # ---- I/O ----
+    def _on_io(self, mask: int) -> None:
+        state = self.state
+        if state == _READ:
+            self._on_readable()
+        elif state == _WRITE:
+            if mask & EVENT_WRITE:
+                self._flush()
+        elif state == _LINGER:
+            self._discard()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(ADMIN_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("admin connection: %s", exc)
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        try:
+            head = self.head.feed(data)
+            if head is None:
+                return
+            req = parse_request_head(head)
+        except ProtocolError as exc:
+            log.debug("admin: bad request: %s", exc)
+            self._respond(_error(exc.status))
+            return
+        status, response = self.admin.answer(req)
+        log.debug("admin: %s %s -> %d", req.method.decode("ascii", "replace"),
+                  req.target[:200].decode("ascii", "replace"), status)
+        self._respond(response)
+
+    def _respond(self, data: bytes) -> None:
+        """Send ``data``, then close (after lingering)."""
+        self.state = _WRITE
+        self.head = HeadBuffer(0)  # drop what was buffered
+        self.out = memoryview(data)
+        self._set_deadline(self.reactor.now + ADMIN_SEND_TIMEOUT)
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.out
+        progressed = False
+        while out:
+            try:
+                n = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.debug("admin connection: %s", exc)
+                self.close()
+                return
+            out = out[n:]
+            progressed = True
+        self.out = out
+        if out:
+            if progressed:
+                # The client is reading: the send timeout counts from now (picked up lazily).
+                self.deadline = self.reactor.now + ADMIN_SEND_TIMEOUT
+            # Only the write side matters now; what the client sends meanwhile waits in the kernel.
+            self._set_events(EVENT_WRITE)
+            return
+        self._linger()
+
+    def _linger(self) -> None:
+        """All sent: send our FIN and read (and drop) what still arrives until the client closes."""
+        self.state = _LINGER
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self._set_events(EVENT_READ)
+        self._set_deadline(self.reactor.now + ADMIN_LINGER)
+
+    def _discard(self) -> None:
+        try:
+            data = self.sock.recv(ADMIN_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        self.discarded += len(data)
+        if not data or self.discarded > ADMIN_LINGER_MAX_BYTES:
+            self.close()
+
+    def close(self) -> None:
+        if self.state == _CLOSED:
+            return
+        self.state = _CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.events:
+            try:
+                self.reactor.unregister(self.fd)
+            except (KeyError, ValueError):
+                pass
+            self.events = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.out = memoryview(b"")
+        self.admin.conn_closed(self)

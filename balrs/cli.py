@@ -72,12 +72,6 @@ def _raise_fd_limit() -> None:
         pass
 
 
-def _log_inactive(config: Config) -> None:
-    """Keys that parse but whose feature is not in this version: said once, never silently ignored."""
-    if config.workers > 1:
-        log.warning("workers = %d is not active in this version; running one process", config.workers)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "status":
@@ -101,11 +95,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format=LOG_FORMAT, stream=sys.stderr)
     _raise_fd_limit()
-    _log_inactive(config)
     return run(config, lambda c: apply_overrides(c, args.listen, args.strategy))
 
 
 def run(config: Config, overrides: Optional[Callable[[Config], Config]] = None) -> int:
+    if config.workers > 1:
+        from .supervisor import Supervisor
+        try:
+            return Supervisor(config, overrides).run()
+        except OSError as exc:
+            log.error("%s", exc.strerror or exc)
+            return 1
     from .server import Balancer
     balancer = Balancer(config, overrides=overrides)
     try:

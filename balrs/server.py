@@ -38,8 +38,9 @@ ACCEPT_BACKOFF = 0.1
 MAX_RESPONSE_HEAD = 65536
 
 
-def bind_listener(addr: Address, reuse_port: bool = False) -> socket.socket:
-    """A non-blocking listening socket for ``addr``. Raises OSError naming the address."""
+def bind_listener(addr: Address, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A non-blocking listening socket for ``addr`` (only bound if not ``listen``). Raises OSError
+    naming the address."""
     infos = socket.getaddrinfo(addr.host, addr.port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP,
                                socket.AI_PASSIVE)
     family, _type, _proto, _canon, sockaddr = infos[0]
@@ -52,7 +53,8 @@ def bind_listener(addr: Address, reuse_port: bool = False) -> socket.socket:
             # Each listen address is its own socket; do not also grab the IPv4 port.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
+        if listen:
+            sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

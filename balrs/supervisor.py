@@ -1,0 +1,222 @@
+"""``workers = N``: a small supervisor process and N worker processes sharing each port.
+
+Each worker is a whole balancer (its own reactor, pool, health checks and admin listener) and binds
+every listen address itself with SO_REUSEPORT, so the kernel spreads new connections over the workers
+(nginx's ``reuseport``). The supervisor serves nothing; like gunicorn's arbiter it only:
+
+- forks the workers and restarts one that dies (with a growing delay if it keeps dying at once),
+- forwards SIGTERM/SIGINT (graceful drain) and SIGHUP (reload) to them,
+- re-reads the file on SIGHUP first, so an invalid file is reported once and changes nothing, and
+  starts or stops workers when ``workers`` changed,
+- exits 0 once every worker has drained (killing stragglers after drain_timeout plus a grace period).
+
+Signal handlers only record; the supervisor's own reactor acts on them (STYLE habit 11).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from typing import Callable, Dict, Optional
+
+from .config import Config, ConfigError, load
+from .reactor import Reactor
+from .server import bind_listener
+
+__all__ = ["Supervisor", "run_worker"]
+
+log = logging.getLogger("balrs")
+
+# A worker that exits this soon after it started counts as failing at start; after this many such
+# exits in a row the supervisor gives up (a bind error or a broken host would make it spin forever).
+EARLY_EXIT = 2.0
+MAX_EARLY_EXITS = 5
+# Restart delay after an unexpected exit: doubles on each early exit, up to the maximum.
+RESTART_DELAY = 0.1
+MAX_RESTART_DELAY = 10.0
+# Time granted beyond drain_timeout before the supervisor kills workers that have not exited.
+STOP_GRACE = 5.0
+# Exit status of a worker that could not bind its listen addresses.
+EXIT_BIND = 3
+
+
+def run_worker(config: Config, overrides: Optional[Callable[[Config], Config]]) -> int:
+    """Body of a worker process: a Balancer with SO_REUSEPORT listeners."""
+    from .server import Balancer
+    balancer = Balancer(config, overrides=overrides, reuse_port=True)
+    try:
+        balancer.listen()
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        return EXIT_BIND
+    balancer.install_signal_handlers()
+    try:
+        balancer.start()
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        return EXIT_BIND
+    try:
+        return balancer.run()
+    finally:
+        balancer.reactor.close()
+
+
+class Supervisor:
+    def __init__(self, config: Config, overrides: Optional[Callable[[Config], Config]] = None) -> None:
+        self.config = config
+        self.overrides = overrides
+        self.reactor = Reactor()
+        self.workers: Dict[int, float] = {}   # pid -> start time
+        self.early_exits = 0
+        self.stopping = False
+        self.exit_code = 0
+        self._restart_pending = 0
+
+    # ---- start ---------------------------------------------------------------------------------
+    def check_bind(self) -> None:
+        """Fail at start-up, with the address in the message, when a listen address cannot be bound
+        (each worker binds for itself; this is only a trial without listen(), so it takes no traffic)."""
+        addrs = list(self.config.listen) + (list(self.config.admin.listen) if self.config.admin else [])
+        for addr in addrs:
+            sock = bind_listener(addr, reuse_port=True, listen=False)
+            sock.close()
+
+    def run(self) -> int:
+        self.check_bind()
+        r = self.reactor
+        r.add_signal_handler(signal.SIGTERM, self._on_stop)
+        r.add_signal_handler(signal.SIGINT, self._on_stop)
+        r.add_signal_handler(signal.SIGHUP, self._on_hup)
+        r.add_signal_handler(signal.SIGCHLD, self._on_child)
+        log.info("supervisor: starting %d workers", self.config.workers)
+        for _ in range(self.config.workers):
+            self._spawn()
+        try:
+            r.run()
+        finally:
+            r.close()
+        return self.exit_code
+
+    def _spawn(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._become_worker()
+                code = run_worker(self.config, self.overrides)
+            except BaseException:  # noqa: B036 - a worker must never return into the supervisor's code
+                log.exception("worker crashed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.workers[pid] = self.reactor.clock()
+        log.info("supervisor: worker %d started", pid)
+
+    def _become_worker(self) -> None:
+        """In the child: drop the supervisor's loop and signal plumbing before building our own."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        self.reactor.selector.close()
+
+    # ---- signals -------------------------------------------------------------------------------
+    def _on_stop(self, signum: int) -> None:
+        if self.stopping:
+            if signum == signal.SIGINT:
+                self._signal_all(signal.SIGINT)  # a second Ctrl-C: the workers stop at once
+            return
+        self.stopping = True
+        log.info("supervisor: %s, draining %d workers", signal.Signals(signum).name, len(self.workers))
+        self._signal_all(signal.SIGTERM)
+        self.reactor.call_later(self.config.drain_timeout + STOP_GRACE, self._kill_stragglers)
+        if not self.workers:
+            self.reactor.stop()
+
+    def _on_hup(self, signum: int) -> None:
+        if self.stopping:
+            return
+        try:
+            config = load(self.config.path)
+            if self.overrides is not None:
+                config = self.overrides(config)
+        except (ConfigError, ValueError) as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        old = self.config
+        self.config = config
+        log.info("supervisor: SIGHUP, reloading %d workers", len(self.workers))
+        self._signal_all(signal.SIGHUP)
+        # More or fewer workers: start the missing ones (they read the new file), drain the extra ones.
+        extra = len(self.workers) - config.workers
+        if extra > 0:
+            for pid in sorted(self.workers, key=self.workers.__getitem__, reverse=True)[:extra]:
+                self._kill(pid, signal.SIGTERM)
+                self.workers[pid] = -1.0  # retiring: not restarted when it exits
+        elif extra < 0:
+            for _ in range(-extra):
+                self._spawn()
+        if config.workers != old.workers:
+            log.info("supervisor: workers %d -> %d", old.workers, config.workers)
+
+    def _on_child(self, signum: int) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            started = self.workers.pop(pid, None)
+            if started is None:
+                continue
+            code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
+            if self.stopping or started < 0:
+                log.info("supervisor: worker %d exited (%s)", pid, code)
+                continue
+            self._worker_died(pid, code, started)
+        if self.stopping and not self.workers:
+            log.info("supervisor: all workers exited")
+            self.reactor.stop()
+
+    def _worker_died(self, pid: int, code: int, started: float) -> None:
+        now = self.reactor.clock()
+        if now - started < EARLY_EXIT:
+            self.early_exits += 1
+        else:
+            self.early_exits = 0
+        if self.early_exits >= MAX_EARLY_EXITS or code == EXIT_BIND:
+            log.error("supervisor: worker %d exited with %s right after starting; giving up", pid, code)
+            self.exit_code = 1
+            self.stopping = True
+            self._signal_all(signal.SIGTERM)
+            if not self.workers:
+                self.reactor.stop()
+            return
+        delay = min(MAX_RESTART_DELAY, RESTART_DELAY * (2 ** self.early_exits))
+        log.warning("supervisor: worker %d exited unexpectedly (%s); restarting in %gs", pid, code, delay)
+        self._restart_pending += 1
+        self.reactor.call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        self._restart_pending -= 1
+        if not self.stopping and len(self.workers) < self.config.workers:
+            self._spawn()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _signal_all(self, signum: int) -> None:
+        for pid in list(self.workers):
+            self._kill(pid, signum)
+
+    def _kill(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+
+    def _kill_stragglers(self) -> None:
+        if self.workers:
+            log.warning("supervisor: %d workers still running after drain; killing them", len(self.workers))
+            self._signal_all(signal.SIGKILL)
