@@ -103,7 +103,9 @@ def test_reload_keeps_idle_keepalive_connection_and_in_flight_request(
     assert served_by(r) == "b1"
 
 
-def test_reload_keeps_tunnels(make_backend: Callable[..., TestBackend], make_lb: Callable[..., BalrsProcess]) -> None:
+def test_reload_keeps_tunnels(
+    make_backend: Callable[..., TestBackend], make_lb: Callable[..., BalrsProcess]
+) -> None:
     b1, b2 = make_backend("b1"), make_backend("b2")
     lb = make_lb([b1])
     with Client(lb.addr, timeout=5) as c:
