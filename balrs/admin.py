@@ -15,7 +15,7 @@ import errno
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .http.build import REASONS
 from .http.errors import ProtocolError
@@ -64,6 +64,9 @@ _INDEX = (
     b'<li><a href="/status">/status</a>: backends and their state, JSON</li>\n'
     b"</ul>\n</body></html>\n"
 )
+
+# The first AdminServer's creation time in this process (filled on first use, not at import).
+_FIRST_START: List[float] = []
 
 # Connection states: read the request head, write the response, drain what the client still sends.
 _READ = 0
@@ -115,8 +118,11 @@ class AdminServer:
         self.accepting = False
         self.started = False
         self._accept_timer: Optional[Timer] = None
-        # When this process started serving (Unix time), reported as balrs_start_time_seconds.
-        self.start_time = time.time()
+        # When this process started serving (Unix time), reported as balrs_start_time_seconds; kept
+        # across reloads, which make a new AdminServer when [admin] changes.
+        if not _FIRST_START:
+            _FIRST_START.append(time.time())
+        self.start_time = _FIRST_START[0]
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,7 +136,9 @@ class AdminServer:
         bound: List[Tuple[socket.socket, Address]] = []
         try:
             for addr in admin.listen:
-                bound.append((bind_listener(addr), addr))
+                # With workers = N every worker serves the admin port too (SO_REUSEPORT, like its
+                # listeners); each reports its own process's counters.
+                bound.append((bind_listener(addr, self.srv.reuse_port), addr))
         except OSError:
             for sock, _addr in bound:
                 sock.close()
@@ -139,6 +147,32 @@ class AdminServer:
         self.started = True
         self._start_accepting()
         log.info("admin endpoint on %s (/metrics, /status)", ", ".join(str(a) for _s, a in bound))
+
+    def rebind(self, listen: Sequence[Address]) -> None:
+        """Serve on ``listen`` from now on (a reload changed ``[admin] listen``). Addresses already
+        served keep their sockets, new ones are bound first, so an OSError (naming the address) changes
+        nothing; removed ones are closed. Admin connections in progress are not touched."""
+        from .server import bind_listener
+        current = {a: s for s, a in self.listeners}
+        fresh: Dict[Address, socket.socket] = {}
+        try:
+            for addr in listen:
+                if addr not in current and addr not in fresh:
+                    fresh[addr] = bind_listener(addr, self.srv.reuse_port)
+        except OSError:
+            for sock in fresh.values():
+                sock.close()
+            raise
+        self._stop_accepting()
+        for sock, addr in self.listeners:
+            if addr not in listen:
+                sock.close()
+        self.listeners = [(current[a] if a in current else fresh[a], a) for a in dict.fromkeys(listen)]
+        self.started = True
+        if self._accept_timer is None and len(self.conns) < ADMIN_MAX_CONNECTIONS:
+            self._start_accepting()
+        if fresh or len(self.listeners) != len(current):
+            log.info("admin endpoint now on %s", ", ".join(str(a) for _s, a in self.listeners) or "nothing")
 
     def stop(self) -> None:
         """Close the listeners and any admin connections (idempotent)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import __version__
@@ -106,8 +107,9 @@ def render_metrics(srv: Balancer, start_time: Optional[float] = None) -> str:
     backends: List[Backend] = list(pool.backends)
 
     # ---- the process ----
-    w.family("balrs_info", "gauge", "balrs build information (always 1).",
-             [("balrs_info", (("version", __version__), ("strategy", pool.strategy_name)), 1)])
+    w.family("balrs_info", "gauge", "balrs version, strategy and the process answering (always 1).",
+             [("balrs_info", (("version", __version__), ("strategy", pool.strategy_name),
+                              ("pid", str(os.getpid()))), 1)])
     if start_time is not None:
         w.family("balrs_start_time_seconds", "gauge", "When this balrs process started, in Unix seconds.",
                  [("balrs_start_time_seconds", (), start_time)])
@@ -187,8 +189,9 @@ def _histogram(name: str, backends: Sequence[Backend]) -> List[Sample]:
 
 
 # ---- /status ---------------------------------------------------------------------------------------
-def backend_status(b: Backend) -> Dict[str, Any]:
-    """One backend as /status reports it; the contract's keys first, then the rest."""
+def backend_status(b: Backend, health_checks: bool = True) -> Dict[str, Any]:
+    """One backend as /status reports it; the contract's keys first, then the rest.
+    ``last_check_ok`` is None without active health checks."""
     return {
         "name": b.name,
         "address": b.address,
@@ -205,7 +208,7 @@ def backend_status(b: Backend) -> Dict[str, Any]:
         "idle_connections": len(b.idle),
         "ejected": bool(b.ejected_until),
         "consecutive_errors": b.consecutive_errors,
-        "last_check_ok": b.last_check_ok,
+        "last_check_ok": b.last_check_ok if health_checks else None,
     }
 
 
@@ -215,6 +218,7 @@ def status_document(srv: Balancer) -> Dict[str, Any]:
     config = srv.config
     return {
         "version": __version__,
+        "pid": os.getpid(),
         "strategy": pool.strategy_name,
         "draining": bool(srv.draining),
         "listen": [str(a) for a in config.listen],
@@ -223,7 +227,7 @@ def status_document(srv: Balancer) -> Dict[str, Any]:
         "accepted_connections": srv.accepted,
         "queue_length": len(pool.queue),
         "responses": {str(code): n for code, n in sorted(srv.responses().items())},
-        "backends": [backend_status(b) for b in pool.backends],
+        "backends": [backend_status(b, config.health is not None) for b in pool.backends],
     }
 
 

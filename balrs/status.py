@@ -208,27 +208,34 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[IO[str]] = None,
         out.write(_render(doc, source, args.json))
         out.flush()
         return 0
-    return _watch(args, base, source, doc, out)
+    return _watch(args, base, source, doc, out, err)
 
 
-def _watch(args: argparse.Namespace, base: str, source: str, doc: Optional[Dict[str, Any]],
-           out: IO[str]) -> int:
-    """Refresh every interval until Ctrl-C (or --count reports). A fetch that fails after the first is
-    shown in place and retried: the balancer may be restarting."""
+def _watch(args: argparse.Namespace, base: str, source: str, doc: Dict[str, Any], out: IO[str],
+           err: IO[str]) -> int:
+    """Refresh every interval until Ctrl-C (or ``--count`` reports). A fetch that fails after the first
+    is reported and retried: the balancer may be restarting.
+
+    On a terminal each report replaces the last (cursor home, clear screen; the error, if any, under the
+    last good report). Into a pipe or file: reports one after another without escape codes (with
+    ``--json``, one compact document per line), errors on stderr."""
     tty = out.isatty()
     shown = 0
     problem = ""
     try:
         while True:
-            frame = _render(doc, source, args.json) if doc is not None else ""
             stamp = time.strftime("%H:%M:%S")
-            footer = ("%s  (error: %s)\n" % (stamp, problem) if problem
-                      else "%s  every %gs, Ctrl-C to quit\n" % (stamp, args.interval))
             if tty:
-                out.write(CLEAR + frame + "\n" + footer)
+                footer = ("%s  error: %s" % (stamp, problem) if problem
+                          else "%s  every %gs, Ctrl-C to quit" % (stamp, args.interval))
+                out.write(CLEAR + _render(doc, source, args.json) + "\n" + footer + "\n")
+            elif problem:
+                err.write("balrs status: %s %s\n" % (stamp, problem))
+                err.flush()
+            elif args.json:
+                out.write(json.dumps(doc) + "\n")
             else:
-                # Not a terminal (a pipe or a file): frames one after another, no escape codes.
-                out.write(("\n" if shown else "") + frame + footer)
+                out.write(("\n" if shown else "") + _render(doc, source, False) + stamp + "\n")
             out.flush()
             shown += 1
             if args.count and shown >= args.count:

@@ -36,7 +36,13 @@ from support import (
 )
 
 from balrs import __version__
-from balrs.admin import ADMIN_HEAD_LIMIT, ADMIN_MAX_CONNECTIONS, ADMIN_REQUEST_TIMEOUT, request_path
+from balrs.admin import (
+    ADMIN_HEAD_LIMIT,
+    ADMIN_LINGER,
+    ADMIN_MAX_CONNECTIONS,
+    ADMIN_REQUEST_TIMEOUT,
+    request_path,
+)
 from balrs.config import Address, BackendConfig, parse_text
 from balrs.metrics import escape_label_value, format_value, render_metrics, status_document
 from balrs.pool import LATENCY_BUCKETS, Backend
@@ -303,7 +309,9 @@ def _fake_balancer(backends: Sequence[Backend], responses: Dict[int, int], healt
 
 
 def _backend(name: str, port: int = 9001, weight: int = 1) -> Backend:
-    return Backend(BackendConfig(name, Address("127.0.0.1", port), weight=weight), resolve_now=False)
+    b = Backend(BackendConfig(name, Address("127.0.0.1", port), weight=weight), resolve_now=False)
+    b.resolved = True  # as if resolved (an unresolved backend is down)
+    return b
 
 
 class TestRender:
@@ -399,6 +407,9 @@ class TestRender:
             "127.0.0.1:9001", "up", 1, 1, 5, 1)
         assert da["response_time_ms"] == pytest.approx(12.5)
         assert db["state"] == "drain" and db["weight"] == 2 and db["response_time_ms"] is None
+        assert da["last_check_ok"] is None and doc["health_checks"] is False  # no [health]
+        doc = status_document(_fake_balancer([a, b], {}, health=True))
+        assert doc["backends"][0]["last_check_ok"] is True and doc["health_checks"] is True
         b.draining, b.up = False, False
         assert status_document(_fake_balancer([a, b], {}))["backends"][1]["state"] == "down"
 
@@ -467,7 +478,7 @@ def inproc() -> Iterator[Any]:
             time.sleep(0.002)
 
     def connect() -> socket.socket:
-        s = socket.create_connection((HOST, port), timeout=2)
+        s = socket.create_connection((HOST, ns.port), timeout=2)
         s.setblocking(False)
         return s
 
@@ -519,6 +530,18 @@ class TestAdminInProcess:
         inproc.clock.t += 1.0
         data = inproc.read_all(s)
         assert data.startswith(b"HTTP/1.1 408 ")
+        # Lingering (reading what the client might still send) until the client closes ...
+        inproc.turn(3)
+        assert inproc.admin.conns
+        s.close()
+        assert inproc.spin(lambda: not inproc.admin.conns)
+
+    def test_linger_is_bounded(self, inproc: Any) -> None:
+        s = inproc.connect()
+        s.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+        assert inproc.read_all(s).startswith(b"HTTP/1.1 200 ")
+        assert inproc.admin.conns  # the client has not closed: lingering
+        inproc.clock.t += ADMIN_LINGER + 0.01
         assert inproc.spin(lambda: not inproc.admin.conns)
         s.close()
 
@@ -544,6 +567,36 @@ class TestAdminInProcess:
         assert inproc.read_all(last).startswith(b"HTTP/1.1 200 ")
         for s in socks:
             s.close()
+
+    def test_rebind(self, inproc: Any) -> None:
+        old_port = inproc.port
+        busy = inproc.connect()  # a connection in progress survives the rebind
+        busy.sendall(b"GET /status HTTP/1.0\r\n")
+        inproc.spin(lambda: inproc.admin.conns)
+        taken = socket.socket()
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        new_port = free_port()
+        try:
+            with pytest.raises(OSError):
+                inproc.admin.rebind([Address(HOST, new_port), Address(HOST, taken.getsockname()[1])])
+        finally:
+            taken.close()
+        assert [a.port for _s, a in inproc.admin.listeners] == [old_port]  # nothing changed
+        inproc.admin.rebind([Address(HOST, new_port)])
+        assert [a.port for _s, a in inproc.admin.listeners] == [new_port]
+        with pytest.raises(OSError):
+            socket.create_connection((HOST, old_port), timeout=1).close()
+        inproc.port = new_port
+        s = inproc.connect()
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert inproc.read_all(s).startswith(b"HTTP/1.1 200 ")
+        s.close()
+        busy.sendall(b"\r\n")
+        assert inproc.read_all(busy).startswith(b"HTTP/1.1 200 ")
+        busy.close()
+        inproc.admin.rebind([Address(HOST, new_port)])  # unchanged: a no-op
+        assert [a.port for _s, a in inproc.admin.listeners] == [new_port] and inproc.admin.accepting
 
     def test_stop_closes_everything(self, inproc: Any) -> None:
         s = inproc.connect()
@@ -629,6 +682,7 @@ class TestAdminProcess:
     def test_metrics_match_what_backends_saw(self, admin_lb: Callable[..., AdminLB]) -> None:
         lb = admin_lb(3)
         bs = lb.backends  # type: ignore[attr-defined]
+        accepted0 = value_of(lb.metrics(), "balrs_accepted_connections_total")  # start-up probes count too
         for i in range(10):
             assert request(lb.addr, "GET", "/echo?i=%d" % i).status == 200
         assert request(lb.addr, "GET", "/status/404").status == 404
@@ -652,7 +706,7 @@ class TestAdminProcess:
         assert value_of(fams, "balrs_responses_total", code="404") == 1
         assert sum(v for _s, _l, v in fams["balrs_backend_responses_total"].samples
                    if _l["class"] == "4xx") == 1
-        assert value_of(fams, "balrs_accepted_connections_total") == 12
+        assert value_of(fams, "balrs_accepted_connections_total") == accepted0 + 12
         assert value_of(fams, "balrs_queue_length") == 0
         # Every client connection is closed: the gauge comes back to 0.
         assert wait_for(lambda: value_of(lb.metrics(), "balrs_client_connections") == 0, 3.0)
@@ -821,16 +875,30 @@ class TestAdminProcess:
         taken = socket.socket()
         taken.bind((HOST, 0))
         taken.listen(1)
+        port = taken.getsockname()[1]
         try:
             path = tmp_path / "lb.ini"
-            path.write_text(lb_ini("127.0.0.1:%d" % free_port(), [b]) +
-                            "\n[admin]\nlisten = 127.0.0.1:%d\n" % taken.getsockname()[1])
+            path.write_text(lb_ini("127.0.0.1:%d" % free_port(), [b]) + "\n[admin]\nlisten = 127.0.0.1:%d\n" % port)
             rc, _out, err = run_balrs(str(path))
         finally:
             taken.close()
         assert rc == 1
         assert "Traceback" not in err
-        assert "cannot listen on 127.0.0.1:%d" % taken.getsockname()[1] in err or "in use" in err.lower()
+        assert "cannot listen on 127.0.0.1:%d" % port in err
+        assert len(err.strip().splitlines()) == 1, err
+
+    def test_workers_each_serve_admin(self, admin_lb: Callable[..., AdminLB]) -> None:
+        """workers = 2: every worker binds the admin port too (SO_REUSEPORT) and answers for itself."""
+        lb = admin_lb(1, workers=2)
+        pids = set()
+        for _ in range(20):
+            doc = lb.status()
+            assert doc["backends"][0]["name"] == "b1"
+            pids.add(doc["pid"])
+        assert lb.proc.pid not in pids  # the supervisor serves nothing
+        assert 1 <= len(pids) <= 2
+        fams = lb.metrics()
+        assert value_of(fams, "balrs_info", version=__version__) == 1
 
     def test_admin_stops_with_the_balancer(self, admin_lb: Callable[..., AdminLB]) -> None:
         lb = admin_lb(1)
