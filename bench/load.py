@@ -42,8 +42,10 @@ SCENARIOS: Dict[str, Tuple[str, List[str], str]] = {
     "close": ("/", ["-H", "Connection: close"], "small response, new connection per request"),
     "64k": ("/64k", [], "64 KiB responses, keep-alive"),
     "1m": ("/1m", [], "1 MiB responses, keep-alive"),
+    "workers": ("/", [], "small response, keep-alive: balrs with workers = 1 and workers = 2, nothing pinned"),
 }
 TARGETS = ["direct", "balrs", "haproxy"]
+WORKER_TARGETS = ["w1", "w2"]
 
 INSTALL_HINT = "install them with: apt-get install wrk haproxy nginx"
 
@@ -369,6 +371,7 @@ client_timeout = 120s
 backend_timeout = 60s
 max_connections = 10000
 drain_timeout = 2s
+workers = {workers}
 
 {backends}
 """
@@ -453,15 +456,16 @@ class Bench:
 
     # proxies ----------------------------------------------------------------------------------------
 
-    def start_balrs(self, tag: str) -> Tuple[subprocess.Popen, int, str]:
+    def start_balrs(self, tag: str, workers: int = 1, cpu: Optional[int] = -1) -> Tuple[subprocess.Popen, int, str]:
         port = free_port()
         backends = "\n".join("[backend b%d]\naddress = 127.0.0.1:%d\n" % (i + 1, p)
                              for i, p in enumerate(self.backend_ports))
         ini = os.path.join(self.tmp, "lb-%s.ini" % tag)
         with open(ini, "w") as f:
-            f.write(BALRS_INI.format(port=port, backends=backends))
+            f.write(BALRS_INI.format(port=port, backends=backends, workers=workers))
         log = os.path.join(self.tmp, "balrs-%s.log" % tag)
-        p = self.procs.start(pin(self.proxy_cpu, [sys.executable, "-m", "balrs", ini]), log, cwd=ROOT)
+        p = self.procs.start(pin(self.proxy_cpu if cpu == -1 else cpu, [sys.executable, "-m", "balrs", ini]),
+                             log, cwd=ROOT)
         wait_listening(port, p)
         return p, port, log
 
@@ -484,43 +488,53 @@ class Bench:
         args = self.args
         proc: Optional[subprocess.Popen] = None
         log = None
+        load_cpu = self.load_cpu
         if target == "direct":
             port = self.backend_ports[0]
         elif target == "balrs":
             proc, port, log = self.start_balrs(scenario)
+        elif target in WORKER_TARGETS:
+            # Nothing pinned: two workers need both cores, which wrk and the backends share with them.
+            proc, port, log = self.start_balrs(scenario + target, workers=int(target[1:]), cpu=None)
+            load_cpu = None
         else:
             proc, port, log = self.start_haproxy(scenario)
         result: dict = {}
         try:
             if proc is not None:
                 self.check_target(target, port)
-            run_wrk(port, path, extra, args.warmup, args.connections, self.load_cpu)  # warm-up
+            run_wrk(port, path, extra, args.warmup, args.connections, load_cpu)  # warm-up
             pid = proc.pid if proc is not None else None
-            cpu0 = cpu_seconds(pid) if pid else None
+            tree = [pid] + _children(pid) if pid else []
+            cpu0 = own_cpu(tree) if pid else None
             t0 = time.monotonic()
             ours = ([self.backends.pid] if self.backends else []) + ([pid] if pid else [])
             with NoiseMeter(ours) as noise:
                 if pid:
                     with RssSampler(pid) as sampler:
-                        result, out = run_wrk(port, path, extra, args.duration, args.connections, self.load_cpu)
+                        result, out = run_wrk(port, path, extra, args.duration, args.connections, load_cpu)
                     result["peak_rss_mib"] = sampler.max_kib / 1024
                     hwm = read_status_kib(pid, "VmHWM")
                     result["vm_hwm_mib"] = hwm / 1024 if hwm is not None else None
                 else:
-                    result, out = run_wrk(port, path, extra, args.duration, args.connections, self.load_cpu)
+                    result, out = run_wrk(port, path, extra, args.duration, args.connections, load_cpu)
             elapsed = time.monotonic() - t0
             result["other_cpu_percent"] = noise.other_percent
             result["steal_percent"] = noise.steal_percent
-            cpu1 = cpu_seconds(pid) if pid else None
+            cpu1 = own_cpu(tree) if pid else None
             if cpu0 is not None and cpu1 is not None:
                 result["cpu_percent"] = 100.0 * (cpu1 - cpu0) / elapsed
+                n = (result.get("requests_per_s") or 0.0) * args.duration
+                if n:
+                    # CPU time per request: what the proxy costs independently of who else is busy.
+                    result["cpu_us_per_request"] = (cpu1 - cpu0) / n * 1e6
             if proc is not None and proc.poll() is not None:
                 result["died"] = proc.returncode
             result["wrk_output"] = out
         finally:
             if proc is not None:
                 rc = self.procs.stop(proc)
-                if target == "balrs" and log:
+                if target not in ("direct", "haproxy") and log:
                     result["exit_code"] = rc
                     with open(log, errors="replace") as f:
                         text = f.read()
@@ -532,13 +546,14 @@ class Bench:
 
     def run(self) -> dict:
         args = self.args
-        targets = [t for t in TARGETS if t != "haproxy" or self.has_haproxy]
+        all_targets = [t for t in TARGETS if t != "haproxy" or self.has_haproxy]
         if not self.has_haproxy:
             self.notes.append("haproxy not found: no HAProxy column (%s)" % INSTALL_HINT)
         self.start_backends()
         results: Dict[str, dict] = {}
         for name in args.only:
             results[name] = {}
+            targets = WORKER_TARGETS if name == "workers" else all_targets
             for target in targets:
                 print("  %-6s %-8s ..." % (name, target), end="", flush=True)
                 r = self.measure(target, name)
@@ -548,6 +563,10 @@ class Bench:
             results[name]["ratios"] = {
                 "balrs/direct": _ratio(results[name], "balrs", "direct"),
                 "balrs/haproxy": _ratio(results[name], "balrs", "haproxy"),
+                "w2/w1": _ratio(results[name], "w2", "w1"),
+                # HAProxy's CPU per request over balrs': the throughput ratio if each proxy had a core
+                # of its own and nothing else were the limit.
+                "cpu_efficiency": _cpu_ratio(results[name]),
             }
         return results
 
@@ -556,6 +575,26 @@ def _ratio(res: dict, a: str, b: str) -> Optional[float]:
     x = res.get(a, {}).get("requests_per_s")
     y = res.get(b, {}).get("requests_per_s")
     return x / y if x and y else None
+
+
+def _cpu_ratio(res: dict) -> Optional[float]:
+    b = res.get("balrs", {}).get("cpu_us_per_request")
+    h = res.get("haproxy", {}).get("cpu_us_per_request")
+    return h / b if b and h else None
+
+
+def _children(pid: int) -> List[int]:
+    """Worker processes of a balrs supervisor (its direct children)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
 
 
 def _errors(r: dict) -> str:
@@ -586,10 +625,13 @@ def print_table(results: Dict[str, dict], has_haproxy: bool) -> str:
     if has_haproxy:
         hdr.append("balrs/haproxy")
     hdr += ["MiB/s direct / balrs" + (" / haproxy" if has_haproxy else ""),
-            "balrs p50 / p99 ms", "balrs CPU", "balrs peak RSS", "other load d / b / h"]
+            "balrs p50 / p99 ms", "balrs CPU", "CPU us/req balrs" + (" / haproxy" if has_haproxy else ""),
+            "balrs peak RSS", "other load d / b / h"]
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(hdr))) + "|")
     for name, res in results.items():
+        if name == "workers":
+            continue
         d, b, h = res.get("direct", {}), res.get("balrs", {}), res.get("haproxy", {})
         row = [name, _fmt(d.get("requests_per_s"), 0), _fmt(b.get("requests_per_s"), 0)]
         if has_haproxy:
@@ -604,10 +646,19 @@ def print_table(results: Dict[str, dict], has_haproxy: bool) -> str:
         row.append(" / ".join(mibs))
         row.append("%s / %s" % (_fmt(b.get("latency_p50_ms"), 2), _fmt(b.get("latency_p99_ms"), 2)))
         row.append(_fmt(b.get("cpu_percent"), 0) + "%" if b.get("cpu_percent") is not None else "-")
+        row.append(" / ".join(_fmt(x.get("cpu_us_per_request")) for x in ([b, h] if has_haproxy else [b])))
         row.append(_fmt(b.get("peak_rss_mib")) + " MiB" if b.get("peak_rss_mib") else "-")
         row.append(" / ".join("%s%%" % _fmt(x.get("other_cpu_percent"), 0) if x.get("other_cpu_percent") is not None
                               else "-" for x in ([d, b, h] if has_haproxy else [d, b])))
         lines.append("| " + " | ".join(row) + " |")
+    w = results.get("workers")
+    if w:
+        lines.append("")
+        lines.append("| workers (small, keep-alive, unpinned) | workers = 1 req/s | workers = 2 req/s | 2 vs 1 |")
+        lines.append("|---|---:|---:|---:|")
+        lines.append("| balrs | %s | %s | %s |" % (_fmt(w.get("w1", {}).get("requests_per_s"), 0),
+                                                 _fmt(w.get("w2", {}).get("requests_per_s"), 0),
+                                                 _fmt(w["ratios"].get("w2/w1"), 2)))
     return "\n".join(lines)
 
 
@@ -675,17 +726,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     problems = []
     for name, res in results.items():
-        for target in TARGETS:
+        for target in TARGETS + WORKER_TARGETS:
             r = res.get(target)
             if r is None:
                 continue
             e = _errors(r)
             if e:
                 problems.append("%s/%s: %s" % (name, target, e))
-            if target == "balrs" and r.get("log_problems"):
+            if target != "direct" and target != "haproxy" and r.get("log_problems"):
                 problems.append("%s/balrs log: %d warning/error line(s), e.g. %s"
                                 % (name, len(r["log_problems"]), r["log_problems"][0]))
-            if target == "balrs" and r.get("exit_code") not in (0, None):
+            if target != "direct" and target != "haproxy" and r.get("exit_code") not in (0, None):
                 problems.append("%s/balrs exited %s after SIGTERM" % (name, r["exit_code"]))
     print("other load = CPU used on the machine by processes not of this benchmark during each measurement "
           "(direct / balrs / haproxy), in %% of one CPU out of %d; high values mean a noisy run."
