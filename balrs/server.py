@@ -254,6 +254,13 @@ class Balancer:
         old = self.config
         keep = [(s, a) for s, a in self.listeners if a in config.listen]
         fresh = self._bind([a for a in config.listen if a not in {b for _s, b in self.listeners}])
+        if config.admin is not None and self.admin is not None and config.admin != old.admin:
+            try:
+                self.admin.rebind(config.admin.listen)
+            except OSError:
+                for s, _a in fresh:
+                    s.close()
+                raise
         for s, a in self.listeners:
             if a not in config.listen:
                 if self.listening:
@@ -278,12 +285,16 @@ class Balancer:
         self.health.reload()
         if any(not b.resolved for b in added):
             self.resolver.trigger()
-        if config.admin != old.admin:
-            if self.admin is not None:
-                self.admin.stop()
-            self.admin = AdminServer(self) if config.admin is not None else None
-            if self.admin is not None:
+        if config.admin is None and self.admin is not None:
+            self.admin.stop()
+            self.admin = None
+        elif config.admin is not None and self.admin is None:
+            self.admin = AdminServer(self)
+            try:
                 self.admin.start()
+            except OSError as exc:
+                log.error("admin endpoint: %s", exc.strerror or exc)
+                self.admin = None
         if not self.listening and len(self.clients) < self.max_connections and self._accept_timer is None:
             self._start_accepting()
         self.pump_queue()
@@ -314,8 +325,6 @@ class Balancer:
         self._stop_accepting()
         self.health.stop()
         self.resolver.stop()
-        if self.admin is not None:
-            self.admin.stop()
         self.draining = True
         for sock, _addr in self.listeners:
             sock.close()
