@@ -78,7 +78,7 @@ P_SENDING = 2     # HTTP: the request is partly sent
 P_READING = 3     # HTTP: waiting for the response head
 _PROBE_NEXT: Dict[int, FrozenSet[int]] = {
     P_IDLE: frozenset([P_CONNECTING]),
-    P_CONNECTING: frozenset([P_IDLE, P_SENDING, P_READING]),
+    P_CONNECTING: frozenset([P_IDLE, P_SENDING]),
     P_SENDING: frozenset([P_IDLE, P_READING]),
     P_READING: frozenset([P_IDLE]),
 }
@@ -400,9 +400,13 @@ class Health:
                 self._end_ejection(b, "outlier detection is off")
         if config.slow_start <= 0.0:
             self._stop_ramp()
+        now = self.now
         for b in current:
-            # Weights changed by the reload take effect now unless the backend is ramping.
-            if b not in self.ramping:
+            # A changed weight takes effect now: at once, or as the ramp's share of it (the pool's
+            # reload may have reset eff_weight to the new weight).
+            if b in self.ramping:
+                b.eff_weight = slow_start_weight(b.weight, now - b.up_since, config.slow_start)
+            else:
                 b.eff_weight = b.weight
         self._ramp()
         pool.refresh()
