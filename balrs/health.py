@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import random
 import socket
@@ -68,6 +69,7 @@ SLOW_START_STEP = 0.25
 # A backend in slow start begins at this fraction of its weight, at least 1 (Envoy slow start
 # `min_weight_percent` defaults to 10%).
 SLOW_START_MIN_FRACTION = 0.1
+WEIGHT_SCALE = 16  # slow-start weights move in sixteenths (HAProxy's BE_WEIGHT_SCALE)
 # Doubling stops here so that 2**n stays a small float; the cooldown is capped long before.
 _MAX_DOUBLINGS = 30
 
@@ -92,15 +94,15 @@ def probe_request(path: str, host_header: bytes) -> bytes:
             + b"\r\nConnection: close\r\nUser-Agent: balrs-health\r\n\r\n")
 
 
-def slow_start_weight(weight: int, elapsed: float, slow_start: float) -> int:
+def slow_start_weight(weight: int, elapsed: float, slow_start: float) -> float:
     """The effective weight ``elapsed`` seconds into a slow start of ``slow_start`` seconds: linear from
-    max(1, weight/10) to ``weight``."""
-    low = max(1, int(weight * SLOW_START_MIN_FRACTION))
-    if slow_start <= 0.0 or elapsed >= slow_start or low >= weight:
+    a tenth of ``weight`` to ``weight``. Fractional, so that a backend of weight 1 ramps too; rounded
+    down to sixteenths (HAProxy's weight scale), so the strategy is re-told only on a visible step."""
+    if slow_start <= 0.0 or elapsed >= slow_start:
         return weight
-    if elapsed <= 0.0:
-        return low
-    return min(weight, low + int((weight - low) * elapsed / slow_start))
+    low = weight * SLOW_START_MIN_FRACTION
+    w = low if elapsed <= 0.0 else low + (weight - low) * elapsed / slow_start
+    return max(1.0 / WEIGHT_SCALE, math.floor(w * WEIGHT_SCALE) / WEIGHT_SCALE)
 
 
 class _Probe:

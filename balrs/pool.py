@@ -36,6 +36,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # Weight of a new sample in the response-time moving average (nginx Plus least_time and Envoy use
 # similar short windows): 0.3 follows a change within a few requests without jumping on one outlier.
 EWMA_ALPHA = 0.3
+# After this long without a sample, the next one weighs more (half of the old average is forgotten per
+# half-life of silence), matching the strategies' decay of old samples (strategies.DECAY_HALF_LIFE).
+EWMA_GAP = 1.0
+EWMA_GAP_HALF_LIFE = 10.0
 
 
 def resolve(host: str, port: int) -> Tuple[int, SockAddr]:
@@ -77,7 +81,7 @@ class Backend:
         # Host field for requests that come without one (HTTP/1.0 clients).
         self.host_header = str(config.address).encode("ascii", "replace")
         self.weight = config.weight
-        self.eff_weight = config.weight
+        self.eff_weight: float = config.weight  # fractional during slow start
         self.max_connections = config.max_connections
         # Counters.
         self.active = 0          # requests in flight on this backend
@@ -140,7 +144,11 @@ class Backend:
         if self.ewma < 0.0:
             self.ewma = seconds
         else:
-            self.ewma += EWMA_ALPHA * (seconds - self.ewma)
+            # A sample after a long quiet gap counts for more: the old average describes a backend that
+            # may have recovered (or degraded) since, so a re-tried backend is judged on what it does now.
+            gap = now - self.ewma_at
+            alpha = EWMA_ALPHA if gap < EWMA_GAP else max(EWMA_ALPHA, 1.0 - 0.5 ** (gap / EWMA_GAP_HALF_LIFE))
+            self.ewma += alpha * (seconds - self.ewma)
         self.ewma_at = now
         self.latency_sum += seconds
         i = 0
@@ -165,7 +173,7 @@ class Pool:
         self.backends: List[Backend] = [Backend(c, now) for c in configs]
         self.strategy_name = strategy
         self.hash_key = hash_key
-        self.strategy: Strategy = make_strategy(strategy, self.eligible(), hash_key)
+        self.strategy: Strategy = make_strategy(strategy, self.eligible(), hash_key, clock)
         # Requests waiting for a backend slot (every eligible backend at max_connections), FIFO.
         self.queue: Deque[ClientConn] = deque()
         self.limited = any(b.max_connections for b in self.backends)
@@ -202,7 +210,7 @@ class Pool:
         if strategy != self.strategy_name or hash_key != self.hash_key:
             self.strategy_name = strategy
             self.hash_key = hash_key
-            self.strategy = make_strategy(strategy, self.eligible(), hash_key)
+            self.strategy = make_strategy(strategy, self.eligible(), hash_key, self.clock)
         else:
             self.refresh()
         return added, removed
