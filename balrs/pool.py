@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from bisect import bisect_left
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Collection, Deque, Dict, List, Optional, Sequence, Tuple
@@ -139,24 +140,22 @@ class Backend:
     def full(self) -> bool:
         return bool(self.max_connections) and self.active >= self.max_connections
 
-    def observe(self, seconds: float, now: float) -> None:
-        """A response head arrived ``seconds`` after the request was sent."""
-        if self.ewma < 0.0:
+    def observe(self, seconds: float, now: float, status: int = 0) -> None:
+        """A response head (``status``) arrived ``seconds`` after the request was sent."""
+        ewma = self.ewma
+        if ewma >= 0.0 and now - self.ewma_at < EWMA_GAP:
+            self.ewma = ewma + EWMA_ALPHA * (seconds - ewma)
+        elif ewma < 0.0:
             self.ewma = seconds
         else:
             # A sample after a long quiet gap counts for more: the old average describes a backend that
             # may have recovered (or degraded) since, so a re-tried backend is judged on what it does now.
-            gap = now - self.ewma_at
-            alpha = EWMA_ALPHA if gap < EWMA_GAP else max(EWMA_ALPHA, 1.0 - 0.5 ** (gap / EWMA_GAP_HALF_LIFE))
-            self.ewma += alpha * (seconds - self.ewma)
+            alpha = max(EWMA_ALPHA, 1.0 - 0.5 ** ((now - self.ewma_at) / EWMA_GAP_HALF_LIFE))
+            self.ewma = ewma + alpha * (seconds - ewma)
         self.ewma_at = now
         self.latency_sum += seconds
-        i = 0
-        for bound in LATENCY_BUCKETS:
-            if seconds <= bound:
-                break
-            i += 1
-        self.latency[i] += 1
+        self.latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.responses[status // 100] += 1
 
     def __repr__(self) -> str:
         return "<Backend %s %s %s>" % (self.name, self.config.address, self.state)

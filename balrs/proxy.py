@@ -1185,8 +1185,7 @@ class UpstreamConn(_Stream):
             data = rest
         backend = self.backend
         now = self.reactor.now
-        backend.observe(now - self.sent_at, now)
-        backend.responses[status // 100] += 1
+        backend.observe(now - self.sent_at, now, status)
         if backend.consecutive_errors:
             self.srv.health.success(backend)
         left = resp.length - len(rest)
