@@ -506,7 +506,7 @@ class Bench:
             run_wrk(port, path, extra, args.warmup, args.connections, load_cpu)  # warm-up
             pid = proc.pid if proc is not None else None
             tree = [pid] + _children(pid) if pid else []
-            cpu0 = own_cpu(tree) if pid else None
+            cpu0 = _tree_cpu(tree) if pid else None
             t0 = time.monotonic()
             ours = ([self.backends.pid] if self.backends else []) + ([pid] if pid else [])
             with NoiseMeter(ours) as noise:
@@ -521,7 +521,7 @@ class Bench:
             elapsed = time.monotonic() - t0
             result["other_cpu_percent"] = noise.other_percent
             result["steal_percent"] = noise.steal_percent
-            cpu1 = own_cpu(tree) if pid else None
+            cpu1 = _tree_cpu(tree) if pid else None
             if cpu0 is not None and cpu1 is not None:
                 result["cpu_percent"] = 100.0 * (cpu1 - cpu0) / elapsed
                 n = (result.get("requests_per_s") or 0.0) * args.duration
@@ -581,6 +581,11 @@ def _cpu_ratio(res: dict) -> Optional[float]:
     b = res.get("balrs", {}).get("cpu_us_per_request")
     h = res.get("haproxy", {}).get("cpu_us_per_request")
     return h / b if b and h else None
+
+
+def _tree_cpu(pids: List[int]) -> float:
+    """CPU seconds used so far by the proxy's processes (a balrs supervisor and its workers)."""
+    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
 
 
 def _children(pid: int) -> List[int]:
