@@ -43,14 +43,17 @@ EWMA_GAP = 1.0
 EWMA_GAP_HALF_LIFE = 10.0
 
 
-def resolve(host: str, port: int) -> Tuple[int, SockAddr]:
-    """(family, sockaddr) for a backend address. Blocking: called at start-up and reload and from
-    the resolver thread, never from the event loop's request path."""
+def resolve(host: str, port: int) -> List[Tuple[int, SockAddr]]:
+    """Every (family, sockaddr) of a backend address, in getaddrinfo's order. Blocking: called at
+    start-up and from the resolver thread, never from the event loop's request path."""
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    if not infos:
+    out: List[Tuple[int, SockAddr]] = []
+    for family, _type, _proto, _canon, sockaddr in infos:
+        if (family, sockaddr) not in out:
+            out.append((int(family), sockaddr))
+    if not out:
         raise OSError("no address for %s" % host)
-    family, _type, _proto, _canon, sockaddr = infos[0]
-    return family, sockaddr
+    return out
 
 
 class Backend:
@@ -62,7 +65,7 @@ class Backend:
     """
 
     __slots__ = (
-        "name", "config", "family", "sockaddr", "host_header", "resolved",
+        "name", "config", "family", "sockaddr", "addrs", "host_header", "resolved",
         "weight", "eff_weight", "max_connections",
         "active", "requests", "failures", "responses", "latency", "latency_sum",
         "up", "health_successes", "health_failures", "transitions", "last_check", "last_check_ok",
@@ -76,6 +79,7 @@ class Backend:
         # Address: resolved at start-up; host names are re-resolved off the loop (resolver thread).
         self.family: int = socket.AF_INET
         self.sockaddr: SockAddr = ("0.0.0.0", 0)
+        self.addrs: List[Tuple[int, SockAddr]] = []   # every address of a host name; sockaddr is one
         self.resolved = False
         if resolve_now:
             self.resolve()
@@ -113,11 +117,34 @@ class Backend:
     def resolve(self) -> bool:
         """Resolve the address now (blocking). Returns True on success."""
         try:
-            self.family, self.sockaddr = resolve(self.config.address.host, self.config.address.port)
+            self.set_addresses(resolve(self.config.address.host, self.config.address.port))
         except OSError as exc:
             log.error("backend %s: cannot resolve %s: %s", self.name, self.config.address.host, exc)
             return False
         self.resolved = True
+        return True
+
+    def set_addresses(self, addrs: List[Tuple[int, SockAddr]]) -> bool:
+        """Adopt a (new) address list; keep using the current address if it is still in it. Returns
+        True if the address connections go to changed."""
+        current = (self.family, self.sockaddr)
+        self.addrs = list(addrs)
+        if self.resolved and current in self.addrs:
+            return False
+        self.family, self.sockaddr = self.addrs[0]
+        return True
+
+    def next_address(self) -> bool:
+        """Connect to the next address of a host name from now on (the current one failed). Returns
+        False when there is no other address."""
+        addrs = self.addrs
+        if len(addrs) < 2:
+            return False
+        try:
+            i = addrs.index((self.family, self.sockaddr))
+        except ValueError:
+            i = -1
+        self.family, self.sockaddr = addrs[(i + 1) % len(addrs)]
         return True
 
     @property

@@ -300,7 +300,7 @@ class ClientConn(_Stream):
         "inbuf", "client_ip", "client_ip_b", "suffix", "req", "req_bytes", "body_left", "decoder",
         "upstream", "close_after", "eof", "resp_started", "tried", "timeouts", "status", "out_framing",
         "idle_since", "head_start", "last_read", "reading", "processing", "linger_start", "linger_bytes",
-        "paused_for_pipeline", "linger", "queued_at",
+        "paused_for_pipeline", "linger", "queued_at", "addr_retries",
     )
 
     def __init__(self, srv: Balancer, sock: socket.socket, client_ip: str) -> None:
@@ -333,6 +333,7 @@ class ClientConn(_Stream):
         self.linger = False
         self.paused_for_pipeline = False
         self.queued_at = 0.0  # > 0 while waiting in the pool's queue for a backend slot
+        self.addr_retries = 0  # other addresses of a backend's host name tried for this request
         self._set_events(EVENT_READ)
         self._arm(now + srv.client_timeout)
 
@@ -459,6 +460,7 @@ class ClientConn(_Stream):
         self.close_after = not req.keep_alive or srv.draining
         self.tried = None
         self.timeouts = 0
+        self.addr_retries = 0
         now = self.reactor.now
         if req.framing == NO_BODY or (req.framing == LENGTH and req.length == 0):
             self._to(C_WAIT)
@@ -698,6 +700,12 @@ class ClientConn(_Stream):
             self.abort()
             return
         if why == F_CONNECT_REFUSED or why == F_CONNECT_TIMEOUT:
+            if pending is not None and self.addr_retries < len(backend.addrs) - 1 and backend.next_address():
+                # A host name with several addresses: the next one first (it does not count as a retry).
+                self.addr_retries += 1
+                log.info("backend %s: trying its next address %s", backend.name, backend.sockaddr[0])
+                self._send_to(backend, pending, nbytes, True)
+                return
             # Nothing reached a backend: the unsent bytes can go to another one.
             tried = self.tried
             if tried is None:

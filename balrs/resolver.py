@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import socket
 import threading
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+from .pool import resolve
 
 if TYPE_CHECKING:
     from .pool import Backend, SockAddr
@@ -77,15 +78,13 @@ class Resolver:
                     continue
                 port = backend.config.address.port
                 try:
-                    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-                    result: Tuple[Optional[Tuple[int, SockAddr]], str] = (
-                        (int(infos[0][0]), infos[0][4]), "")
-                except (OSError, IndexError) as exc:
+                    result: Tuple[Optional[List[Tuple[int, SockAddr]]], str] = (resolve(host, port), "")
+                except OSError as exc:
                     result = (None, str(exc))
                 self.srv.reactor.call_soon_threadsafe(functools.partial(self._apply, backend, *result))
 
     # ---- back on the loop --------------------------------------------------------------------------
-    def _apply(self, backend: Backend, found: Optional[Tuple[int, SockAddr]], error: str) -> None:
+    def _apply(self, backend: Backend, found: Optional[List[Tuple[int, SockAddr]]], error: str) -> None:
         if backend not in self.srv.pool.backends:
             return
         if found is None:
@@ -93,11 +92,10 @@ class Resolver:
                 log.warning("backend %s: cannot resolve %s (%s); keeping %s", backend.name,
                             backend.config.address.host, error, backend.sockaddr[0])
             return
-        family, sockaddr = found
-        if backend.resolved and (family, sockaddr) == (backend.family, backend.sockaddr):
+        if not backend.set_addresses(found):
             return
-        log.info("backend %s: %s resolves to %s", backend.name, backend.config.address.host, sockaddr[0])
-        backend.family, backend.sockaddr = family, sockaddr
+        log.info("backend %s: %s resolves to %s", backend.name, backend.config.address.host,
+                 ", ".join(str(a[1][0]) for a in found))
         # Idle pooled connections go to the old address: let them go.
         for up in list(backend.idle):
             up.close()
