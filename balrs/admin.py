@@ -11,12 +11,12 @@ socket for a few seconds and nothing else.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
+from .listener import Listener
 from .http.build import REASONS
 from .http.errors import ProtocolError
 from .http.heads import HeadBuffer, RequestHead, parse_request_head
@@ -113,11 +113,13 @@ class AdminServer:
 
     def __init__(self, srv: Balancer) -> None:
         self.srv = srv
-        self.listeners: List[Tuple[socket.socket, Address]] = []
         self.conns: Dict[_AdminConn, None] = {}
-        self.accepting = False
+        # With workers = N every worker serves the admin port too (SO_REUSEPORT, like its listeners);
+        # each reports its own process's counters.
+        self.listener = Listener(srv.reactor, "admin accept", self._new_conn, ADMIN_ACCEPT_BATCH,
+                                 ADMIN_ACCEPT_BACKOFF, srv.reuse_port,
+                                 lambda: len(self.conns) < ADMIN_MAX_CONNECTIONS)
         self.started = False
-        self._accept_timer: Optional[Timer] = None
         # When this process started serving (Unix time), reported as balrs_start_time_seconds; kept
         # across reloads, which make a new AdminServer when [admin] changes.
         if not _FIRST_START:
@@ -125,130 +127,51 @@ class AdminServer:
         self.start_time = _FIRST_START[0]
 
     # ---- lifecycle ------------------------------------------------------------------------------
+    @property
+    def listeners(self) -> List[Tuple[socket.socket, Address]]:
+        return self.listener.sockets
+
+    @property
+    def accepting(self) -> bool:
+        return self.listener.accepting
+
     def start(self) -> None:
         """Bind [admin] listen and serve. Raises OSError naming the address if one cannot be bound."""
-        if self.started:
-            return
-        from .server import bind_listener  # here: server.py imports this module
         admin = self.srv.config.admin
-        if admin is None:
+        if self.started or admin is None:
             return
-        bound: List[Tuple[socket.socket, Address]] = []
-        try:
-            for addr in admin.listen:
-                # With workers = N every worker serves the admin port too (SO_REUSEPORT, like its
-                # listeners); each reports its own process's counters.
-                bound.append((bind_listener(addr, self.srv.reuse_port), addr))
-        except OSError:
-            for sock, _addr in bound:
-                sock.close()
-            raise
-        self.listeners = bound
+        self.listener.bind(admin.listen)
         self.started = True
-        self._start_accepting()
-        log.info("admin endpoint on %s (/metrics, /status)", ", ".join(str(a) for _s, a in bound))
+        self.listener.resume()
+        log.info("admin endpoint on %s (/metrics, /status)", ", ".join(str(a) for a in admin.listen))
 
     def rebind(self, listen: Sequence[Address]) -> None:
         """Serve on ``listen`` from now on (a reload changed ``[admin] listen``). Addresses already
         served keep their sockets, new ones are bound first, so an OSError (naming the address) changes
         nothing; removed ones are closed. Admin connections in progress are not touched."""
-        from .server import bind_listener
-        current = {a: s for s, a in self.listeners}
-        fresh: Dict[Address, socket.socket] = {}
-        try:
-            for addr in listen:
-                if addr not in current and addr not in fresh:
-                    fresh[addr] = bind_listener(addr, self.srv.reuse_port)
-        except OSError:
-            for sock in fresh.values():
-                sock.close()
-            raise
-        self._stop_accepting()
-        for sock, addr in self.listeners:
-            if addr not in listen:
-                sock.close()
-        self.listeners = [(current[a] if a in current else fresh[a], a) for a in dict.fromkeys(listen)]
+        before = self.listener.addresses
+        self.listener.bind(listen)
         self.started = True
-        if self._accept_timer is None and len(self.conns) < ADMIN_MAX_CONNECTIONS:
-            self._start_accepting()
-        if fresh or len(self.listeners) != len(current):
-            log.info("admin endpoint now on %s", ", ".join(str(a) for _s, a in self.listeners) or "nothing")
+        self.listener.resume()
+        if self.listener.addresses != before:
+            log.info("admin endpoint now on %s", ", ".join(str(a) for a in self.listener.addresses) or "nothing")
 
     def stop(self) -> None:
         """Close the listeners and any admin connections (idempotent)."""
-        self._stop_accepting()
-        if self._accept_timer is not None:
-            self._accept_timer.cancel()
-            self._accept_timer = None
-        for sock, _addr in self.listeners:
-            sock.close()
-        self.listeners = []
+        self.listener.close()
         for conn in list(self.conns):
             conn.close()
         self.started = False
 
-    # ---- accepting ------------------------------------------------------------------------------
-    def _start_accepting(self) -> None:
-        if self.accepting or not self.listeners:
-            return
-        for sock, _addr in self.listeners:
-            self.srv.reactor.register(sock.fileno(), EVENT_READ, self._make_acceptor(sock))
-        self.accepting = True
-
-    def _stop_accepting(self) -> None:
-        if not self.accepting:
-            return
-        for sock, _addr in self.listeners:
-            try:
-                self.srv.reactor.unregister(sock.fileno())
-            except (KeyError, ValueError):
-                pass
-        self.accepting = False
-
-    def _make_acceptor(self, lsock: socket.socket) -> Callable[[int], None]:
-        def on_accept(mask: int) -> None:
-            self._accept(lsock)
-        return on_accept
-
-    def _accept(self, lsock: socket.socket) -> None:
-        for _ in range(ADMIN_ACCEPT_BATCH):
-            try:
-                sock, _peer = lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("admin accept: %s; pausing admin accepts for %gs", exc.strerror,
-                              ADMIN_ACCEPT_BACKOFF)
-                    self._stop_accepting()
-                    self._accept_timer = self.srv.reactor.call_later(ADMIN_ACCEPT_BACKOFF, self._resume)
-                else:
-                    log.error("admin accept: %s", exc)
-                return
-            try:
-                sock.setblocking(False)
-                conn = _AdminConn(self, sock)
-            except OSError as exc:
-                log.warning("admin connection failed: %s", exc)
-                sock.close()
-                continue
-            self.conns[conn] = None
-            if len(self.conns) >= ADMIN_MAX_CONNECTIONS:
-                self._stop_accepting()
-                return
-
-    def _resume(self) -> None:
-        self._accept_timer = None
-        if self.listeners and len(self.conns) < ADMIN_MAX_CONNECTIONS:
-            self._start_accepting()
+    def _new_conn(self, sock: socket.socket, peer: object) -> bool:
+        conn = _AdminConn(self, sock)
+        self.conns[conn] = None
+        return len(self.conns) < ADMIN_MAX_CONNECTIONS
 
     def conn_closed(self, conn: _AdminConn) -> None:
         self.conns.pop(conn, None)
-        if (self.listeners and not self.accepting and self._accept_timer is None
-                and len(self.conns) < ADMIN_MAX_CONNECTIONS):
-            self._start_accepting()
+        if self.started and not self.listener.accepting:
+            self.listener.resume()
 
     # ---- answering ------------------------------------------------------------------------------
     def answer(self, req: RequestHead) -> Tuple[int, bytes]:

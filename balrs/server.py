@@ -6,7 +6,6 @@ the protocol: accepted sockets become ``ClientConn``s, and backend connections `
 
 from __future__ import annotations
 
-import errno
 import logging
 import signal
 import socket
@@ -15,51 +14,26 @@ from typing import Callable, Dict, List, Optional, Tuple
 from .admin import AdminServer
 from .config import Address, Config, ConfigError, load
 from .health import Health
+from .listener import Listener
 from .resolver import Resolver, is_ip_literal
 from .pool import Pool
 from .proxy import ClientConn
-from .reactor import EVENT_READ, Reactor
+from .reactor import Reactor
 from .timerwheel import Timer
 
-__all__ = ["Balancer", "bind_listener"]
+__all__ = ["Balancer"]
 
 log = logging.getLogger("balrs")
 
 # Accepts per readiness event before the loop serves the connections it already has (CPython's
 # asyncio accepts up to backlog per event; a bound keeps a connection storm from starving the rest).
 ACCEPT_BATCH = 64
-# Listen backlog (the kernel caps it at net.core.somaxconn): connections above max_connections wait here.
-LISTEN_BACKLOG = 4096
 # After EMFILE/ENFILE, stop accepting this long instead of spinning on a listener we cannot serve
 # (CPython's _accept_connection backs off 1s; shorter recovers faster once descriptors free up).
 ACCEPT_BACKOFF = 0.1
 # The largest response head balrs accepts from a backend (HAProxy bufsize is 16 KiB; nginx
 # proxy_buffer_size 4-8 KiB); past it the answer is 502.
 MAX_RESPONSE_HEAD = 65536
-
-
-def bind_listener(addr: Address, reuse_port: bool = False, listen: bool = True) -> socket.socket:
-    """A non-blocking listening socket for ``addr`` (only bound if not ``listen``). Raises OSError
-    naming the address."""
-    infos = socket.getaddrinfo(addr.host, addr.port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP,
-                               socket.AI_PASSIVE)
-    family, _type, _proto, _canon, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            # Each listen address is its own socket; do not also grab the IPv4 port.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        if listen:
-            sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, "cannot listen on %s: %s" % (addr, exc.strerror or exc)) from None
-    return sock
 
 
 class Balancer:
@@ -75,13 +49,12 @@ class Balancer:
         self.reuse_port = reuse_port
         self.pool = Pool(config.backends, _active_strategy(config.strategy), config.hash_key, self.reactor.clock)
         self.clients: Dict[ClientConn, None] = {}
-        self.listeners: List[Tuple[socket.socket, Address]] = []
-        self.listening = False
+        self.listener = Listener(self.reactor, "accept", self._new_client, ACCEPT_BATCH, ACCEPT_BACKOFF,
+                                 reuse_port, lambda: len(self.clients) < self.max_connections)
         self.draining = False
         self.stopped = False
         self.exit_code = 0
         self._drain_timer: Optional[Timer] = None
-        self._accept_timer: Optional[Timer] = None
         # Counters (the admin endpoint reports them): responses by status code, indexed directly.
         self.status_counts: List[int] = [0] * 1000
         self.accepted = 0
@@ -115,87 +88,30 @@ class Balancer:
                                             c.body_timeout, c.send_timeout))
 
     # ---- listening -------------------------------------------------------------------------------
+    @property
+    def listeners(self) -> List[Tuple[socket.socket, Address]]:
+        return self.listener.sockets
+
     def listen(self) -> None:
         """Bind every ``listen`` address and start accepting. Raises OSError naming the address."""
-        self.listeners = self._bind(self.config.listen)
-        self._start_accepting()
+        self.listener.bind(self.config.listen)
+        self.listener.resume()
 
-    def _bind(self, addrs: "tuple[Address, ...] | List[Address]") -> List[Tuple[socket.socket, Address]]:
-        bound: List[Tuple[socket.socket, Address]] = []
-        try:
-            for addr in addrs:
-                bound.append((bind_listener(addr, self.reuse_port), addr))
-        except OSError:
-            for s, _a in bound:
-                s.close()
-            raise
-        return bound
-
-    def _start_accepting(self) -> None:
-        if self.listening or self.draining:
-            return
-        for sock, _addr in self.listeners:
-            self.reactor.register(sock.fileno(), EVENT_READ, self._make_acceptor(sock))
-        self.listening = True
-
-    def _stop_accepting(self) -> None:
-        if not self.listening:
-            return
-        for sock, _addr in self.listeners:
-            try:
-                self.reactor.unregister(sock.fileno())
-            except (KeyError, ValueError):
-                pass
-        self.listening = False
-
-    def _make_acceptor(self, lsock: socket.socket) -> Callable[[int], None]:
-        def on_accept(mask: int) -> None:
-            self._accept(lsock)
-        return on_accept
-
-    def _accept(self, lsock: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, addr = lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept: %s; pausing accepts for %gs", exc.strerror, ACCEPT_BACKOFF)
-                    self._stop_accepting()
-                    self._accept_timer = self.reactor.call_later(ACCEPT_BACKOFF, self._resume_accepting)
-                else:
-                    log.error("accept: %s", exc)
-                return
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn = ClientConn(self, sock, addr[0])
-            except OSError as exc:
-                log.warning("accepted connection failed: %s", exc)
-                sock.close()
-                continue
-            self.clients[conn] = None
-            self.accepted += 1
-            if len(self.clients) >= self.max_connections:
-                # Above max_connections new connections wait in the kernel's accept backlog.
-                self._stop_accepting()
-                return
-
-    def _resume_accepting(self) -> None:
-        self._accept_timer = None
-        if len(self.clients) < self.max_connections:
-            self._start_accepting()
+    def _new_client(self, sock: socket.socket, peer: Tuple[str, int]) -> bool:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = ClientConn(self, sock, peer[0])
+        self.clients[conn] = None
+        self.accepted += 1
+        # Above max_connections new connections wait in the kernel's accept backlog.
+        return len(self.clients) < self.max_connections
 
     def client_closed(self, conn: ClientConn) -> None:
         self.clients.pop(conn, None)
         if self.draining:
             if not self.clients:
                 self._finish_drain()
-        elif not self.listening and self._accept_timer is None and len(self.clients) < self.max_connections:
-            self._start_accepting()
+        elif not self.listener.accepting:
+            self.listener.resume()
 
     # ---- backends ----------------------------------------------------------------------------------
     def pump_queue(self) -> None:
@@ -252,27 +168,16 @@ class Balancer:
         bound first (an error changes nothing), removed ones stop accepting; backends are matched by
         name and address so health state and counters carry over."""
         old = self.config
-        keep = [(s, a) for s, a in self.listeners if a in config.listen]
-        fresh = self._bind([a for a in config.listen if a not in {b for _s, b in self.listeners}])
-        if config.admin is not None and self.admin is not None and config.admin != old.admin:
-            try:
-                self.admin.rebind(config.admin.listen)
-            except OSError:
-                for s, _a in fresh:
-                    s.close()
-                raise
-        for s, a in self.listeners:
-            if a not in config.listen:
-                if self.listening:
-                    try:
-                        self.reactor.unregister(s.fileno())
-                    except (KeyError, ValueError):
-                        pass
-                s.close()
-        if self.listening:
-            for s, _a in fresh:
-                self.reactor.register(s.fileno(), EVENT_READ, self._make_acceptor(s))
-        self.listeners = keep + fresh
+        admin_moved = config.admin is not None and self.admin is not None and config.admin != old.admin
+        if admin_moved and self.admin is not None and config.admin is not None:
+            # New addresses are bound before anything changes: an error leaves the old config running.
+            self.admin.rebind(config.admin.listen)
+        try:
+            self.listener.bind(config.listen)
+        except OSError:
+            if admin_moved and self.admin is not None and old.admin is not None:
+                self.admin.rebind(old.admin.listen)
+            raise
 
         self.config = config
         self._apply_settings(config)
@@ -295,8 +200,7 @@ class Balancer:
             except OSError as exc:
                 log.error("admin endpoint: %s", exc.strerror or exc)
                 self.admin = None
-        if not self.listening and len(self.clients) < self.max_connections and self._accept_timer is None:
-            self._start_accepting()
+        self.listener.resume()
         self.pump_queue()
         log.info("reloaded: %d backend(s)%s%s; strategy %s", len(self.pool.backends),
                  "; added %s" % ", ".join(b.name for b in added) if added else "",
@@ -322,13 +226,10 @@ class Balancer:
         """Stop accepting, close idle connections, let requests in flight finish (up to drain_timeout)."""
         if self.draining:
             return
-        self._stop_accepting()
+        self.listener.close()
         self.health.stop()
         self.resolver.stop()
         self.draining = True
-        for sock, _addr in self.listeners:
-            sock.close()
-        self.listeners = []
         for backend in self.pool.backends:
             for up in list(backend.idle):
                 up.close()
@@ -353,14 +254,11 @@ class Balancer:
         if self.stopped:
             return
         self.stopped = True
-        self._stop_accepting()
+        self.listener.close()
         self.health.stop()
         self.resolver.stop()
         if self.admin is not None:
             self.admin.stop()
-        for sock, _addr in self.listeners:
-            sock.close()
-        self.listeners = []
         for conn in list(self.clients):
             conn.abort()
         for backend in self.pool.backends:

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Optional
 
 from .config import Config, ConfigError, load
 from .reactor import Reactor
-from .server import bind_listener
+from .listener import bind_listener
 
 __all__ = ["Supervisor", "run_worker"]
 

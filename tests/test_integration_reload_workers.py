@@ -172,7 +172,9 @@ def test_workers_serve_restart_reload_and_stop(
     # A worker that dies is replaced.
     first = children(lb.pid)
     os.kill(first[0], signal.SIGKILL)
+    assert wait_for(lambda: lb.log_text().count(" started") == 3, 5), lb.log_tail()
     assert wait_for(lambda: len(children(lb.pid)) == 2 and first[0] not in children(lb.pid), 5), lb.log_tail()
+    time.sleep(0.3)  # the new worker binds its listeners
     assert spread(lb, 6) == {"b1": 6}
 
     # SIGHUP goes to every worker: all of them use the new backend list.
