@@ -186,6 +186,8 @@ class _Stream:
     # ---- writing ----
     def write(self, data: Chunk) -> None:
         """Send now if nothing is queued; queue what the socket does not take."""
+        if self.wr_closed:
+            return
         if self.out_bytes:
             self.out.append(data)
             self.out_bytes += len(data)
@@ -300,7 +302,7 @@ class ClientConn(_Stream):
         "inbuf", "client_ip", "client_ip_b", "suffix", "req", "req_bytes", "body_left", "decoder",
         "upstream", "close_after", "eof", "resp_started", "tried", "timeouts", "status", "out_framing",
         "idle_since", "head_start", "last_read", "reading", "processing", "linger_start", "linger_bytes",
-        "paused_for_pipeline", "linger", "queued_at", "addr_retries",
+        "paused_for_pipeline", "linger", "queued_at", "addr_retries", "broken",
     )
 
     def __init__(self, srv: Balancer, sock: socket.socket, client_ip: str) -> None:
@@ -334,6 +336,7 @@ class ClientConn(_Stream):
         self.paused_for_pipeline = False
         self.queued_at = 0.0  # > 0 while waiting in the pool's queue for a backend slot
         self.addr_retries = 0  # other addresses of a backend's host name tried for this request
+        self.broken = False    # a write failed: closing from the loop
         self._set_events(EVENT_READ)
         self._arm(now + srv.client_timeout)
 
@@ -573,6 +576,8 @@ class ClientConn(_Stream):
             self.body_left = left - len(piece)
             if up is not None:
                 up.write_body(piece)
+                if self.state != C_BODY:
+                    return
             if self.body_left:
                 return
         else:
@@ -591,6 +596,8 @@ class ClientConn(_Stream):
                 out.append(b"0\r\n%s\r\n" % decoder.trailers)
             if up is not None and out:
                 up.write_body(b"".join(out) if len(out) > 1 else out[0])
+                if self.state != C_BODY:
+                    return
             if not decoder.done:
                 return
             rest = data[used:]
@@ -652,6 +659,8 @@ class ClientConn(_Stream):
         """The upstream wrote the last byte of the response into our queue (and let go of us)."""
         self.upstream = None
         self.req = None
+        if self.state == C_CLOSED:
+            return
         if self.state == C_BODY:
             # The request body is still coming: nothing can follow on this connection.
             self._finish(True)
@@ -804,8 +813,17 @@ class ClientConn(_Stream):
             self._low_water()
 
     def _write_failed(self, exc: OSError) -> None:
-        # EPIPE/ECONNRESET: the client is gone; nothing more can be delivered.
-        self.abort()
+        # EPIPE/ECONNRESET: the client is gone; nothing more can be delivered. The close happens from
+        # the loop, not inside the write: the code that wrote (often the upstream side, in the middle of
+        # its own bookkeeping) finishes its step on a connection that is still whole (asyncio's
+        # transports defer connection_lost the same way).
+        if not self.broken:
+            self.broken = True
+            self.out.clear()
+            self.out_bytes = 0
+            self._set_events(0)
+            self.reading = False
+            self.reactor.call_soon(self.abort)
 
     # ---- timers --------------------------------------------------------------------------------
     def _on_timer(self) -> None:
@@ -884,6 +902,8 @@ class ClientConn(_Stream):
     def _finish(self, linger: bool) -> None:
         """Close once the queued bytes are out. With ``linger``, half-close first and keep discarding
         what the client still sends for a while, so our answer is not lost to a reset."""
+        if self.state == C_CLOSED:
+            return
         self._to(C_LINGER)
         self.linger = linger
         self.linger_start = self.reactor.now
@@ -1387,24 +1407,34 @@ class UpstreamConn(_Stream):
 
     def _write_failed(self, exc: OSError) -> None:
         # The backend stopped reading (it may have answered early and closed): keep reading what it
-        # sent; the read side decides how the exchange ends.
+        # sent; the read side decides how the exchange ends. Anything that ends the exchange runs from
+        # the loop, not inside the write: the client code that wrote finishes its step first.
         self.out.clear()
         self.out_bytes = 0
-        self._set_events(self.events & ~EVENT_WRITE)
-        if self.state == U_CONNECTING:
-            self._connect_failed(F_CONNECT_REFUSED, exc.errno or errno.ECONNREFUSED)
-        elif self.state == U_TUNNEL:
-            client = self.client
-            if client is not None:
-                client.abort_after_flush()
-            else:
-                self.close()
-        elif self.state == U_HEAD and self.reused and not self.got_bytes:
-            # The pooled connection was already closed by the backend (RST): resend elsewhere.
-            self._fail(F_STALE, None)
-            return
         self.wr_closed = True
+        self._set_events(self.events & ~EVENT_WRITE)
+        state = self.state
+        if state == U_CONNECTING:
+            # Only reached from the connect event itself, where failing at once is safe.
+            self._connect_failed(F_CONNECT_REFUSED, exc.errno or errno.ECONNREFUSED)
+            return
+        if state == U_TUNNEL:
+            self.reactor.call_soon(self._tunnel_broken)
+        elif state == U_HEAD and self.reused and not self.got_bytes:
+            # The pooled connection was already closed by the backend (RST): resend elsewhere.
+            self.reactor.call_soon(self._stale_write)
         self._low_water()
+
+    def _tunnel_broken(self) -> None:
+        client = self.client
+        if client is not None:
+            client.abort_after_flush()
+        else:
+            self.close()
+
+    def _stale_write(self) -> None:
+        if self.state == U_HEAD and not self.got_bytes:
+            self._fail(F_STALE, None)
 
     # ---- flow control --------------------------------------------------------------------------
     def pause_reading(self) -> None:

@@ -147,7 +147,7 @@ def client_response_head(resp: ResponseHead, framing: int, close: bool, client_m
         te = resp.header(b"transfer-encoding") if framing == CHUNKED else None
         if te is None or b"chunked" in te.lower():
             drop = drop.union((b"transfer-encoding",))
-    if resp.framing in (CHUNKED, CLOSE_DELIMITED):
+    if resp.framing in (CHUNKED, CLOSE_DELIMITED) or resp.has_te:
         # RFC 9112 §6.3 step 3: Transfer-Encoding overrides a Content-Length, which must not be forwarded.
         drop = drop.union((b"content-length",))
     # RFC 9110 §8.6: repeated identical Content-Length values ("5, 5" or several lines) go out as one.

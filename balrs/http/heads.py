@@ -468,7 +468,7 @@ class ResponseHead(_Fields):
 
     __slots__ = (
         "status", "minor", "framing", "length", "keep_alive",
-        "rewrite", "connection_tokens", "has_connection",
+        "rewrite", "connection_tokens", "has_connection", "has_te",
     )
 
     status: int
@@ -482,6 +482,7 @@ class ResponseHead(_Fields):
     rewrite: bool
     connection_tokens: List[bytes]
     has_connection: bool
+    has_te: bool
 
     @property
     def line_end(self) -> int:
@@ -520,6 +521,11 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
     r.rewrite = minor_b != b"1" or hop is not None
     r.connection_tokens = []
     r.has_connection = False
+    # RFC 9112 §6.3 step 3: never forward both Transfer-Encoding and Content-Length, whatever the
+    # status (an answer to HEAD too).
+    r.has_te = te_v is not None
+    if r.has_te and cl_v is not None:
+        r.rewrite = True
     count = low.count
 
     cl_values: List[bytes] = []
