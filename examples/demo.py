@@ -46,7 +46,8 @@ def main() -> int:
         for n in range(8):
             with urllib.request.urlopen("http://127.0.0.1:8080/demo/%d" % n, timeout=5) as resp:
                 print("  ", resp.read().decode().strip())
-        print("\nStill serving; try `curl http://127.0.0.1:8080/`. Ctrl-C stops everything.")
+        print("\nStill serving; try `curl http://127.0.0.1:8080/`, or `python -m balrs status --watch` for a")
+        print("live table of the backends (admin endpoint on 127.0.0.1:9100). Ctrl-C stops everything.")
         balrs.wait()
     except KeyboardInterrupt:
         pass
