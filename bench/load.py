@@ -277,7 +277,8 @@ def parse_wrk(out: str) -> dict:
     return r
 
 
-def run_wrk(port: int, path: str, extra: List[str], seconds: int, connections: int, cpu: Optional[int]) -> Tuple[dict, str]:
+def run_wrk(port: int, path: str, extra: List[str], seconds: int, connections: int,
+            cpu: Optional[int]) -> Tuple[dict, str]:
     argv = pin(cpu, ["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--timeout", "10s", "--latency"]
                + extra + ["http://127.0.0.1:%d%s" % (port, path)])
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -670,7 +671,8 @@ def print_table(results: Dict[str, dict], has_haproxy: bool) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="wrk load test: one backend directly vs balrs vs HAProxy")
     ap.add_argument("--duration", type=int, default=10, help="seconds measured per scenario and target (default 10)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up seconds before each measurement (default 2; 1 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="warm-up seconds before each measurement (default 2; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="3 s per scenario and target")
     ap.add_argument("--only", default=",".join(SCENARIOS),
                     help="comma-separated scenarios among %s (default: all)" % ", ".join(SCENARIOS))

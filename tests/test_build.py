@@ -5,7 +5,7 @@ head it writes is read back with the real parser, through a HeadBuffer, and must
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings

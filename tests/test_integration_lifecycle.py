@@ -22,8 +22,6 @@ from support import (
     build,
     can_connect,
     free_port,
-    hget,
-    ipv6_loopback,
     lb_ini,
     request,
     run_balrs,
