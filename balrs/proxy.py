@@ -410,8 +410,8 @@ class ClientConn(_Stream):
             # The client went away in the middle of its request body: nothing can complete it.
             self.abort()
         elif state == C_WAIT:
-            # A half-close after a complete request is legal (HTTP/1.0 style); answer, then close.
-            self.close_after = True
+            # A half-close after complete requests is legal (HTTP/1.0 style, or `nc` piping pipelined
+            # requests): answer every complete request received before it, then close.
             self._pause_reading()
         elif state == C_TUNNEL:
             self._pause_reading()
@@ -436,10 +436,11 @@ class ClientConn(_Stream):
                     self._reject(exc)
                     return
                 if head is None:
-                    if self.inbuf.buf:
-                        self._head_started()
-                    elif self.eof:
+                    if self.eof:
+                        # The client has finished sending: a partial head can never complete.
                         self.close()
+                    elif self.inbuf.buf:
+                        self._head_started()
                     return
                 self._start_request(head)
         finally:
@@ -665,7 +666,7 @@ class ClientConn(_Stream):
             # The request body is still coming: nothing can follow on this connection.
             self._finish(True)
             return
-        if self.close_after or self.eof:
+        if self.close_after or (self.eof and not self.inbuf.buf):
             self._finish(False)
             return
         self.state = C_IDLE  # C_WAIT -> C_IDLE (the only way here)

@@ -656,3 +656,25 @@ def test_500_idle_connections_do_not_slow_a_fresh_request(lb: BalrsProcess) -> N
     finally:
         for c in idle:
             c.close()
+
+
+def test_half_close_after_pipelined_requests_answers_all(lb: BalrsProcess, backends: list[TestBackend]) -> None:
+    # `printf 'GET ...GET ...' | nc host port`: the client sends its requests and half-closes; every
+    # complete request is still answered, in order, then balrs closes.
+    import socket as _socket
+
+    s = _socket.create_connection(lb.addr, timeout=5)
+    try:
+        s.sendall(b"".join(build("GET", "/echo?id=hc%d" % i) for i in range(3)))
+        s.shutdown(_socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    assert data.count(b"HTTP/1.1 200") == 3, data[:300]
+    positions = [data.find(b"id=hc%d" % i) for i in range(3)]
+    assert -1 not in positions and positions == sorted(positions), "answers missing or out of order"
