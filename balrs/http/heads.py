@@ -303,6 +303,16 @@ def _content_length(values: List[bytes], status: int) -> int:
     return found
 
 
+def _framing_length(values: List[bytes], status: int) -> "tuple[int, bool]":
+    """The body length a message's Content-Length gives, and whether the field is already in canonical
+    form (one value, no leading zeros). Otherwise (duplicates like "5, 5", leading zeros) it is validated
+    and the head is forwarded with one canonical value."""
+    v = values[0]
+    if len(values) == 1 and v.isdigit() and len(v) <= _MAX_CONTENT_LENGTH_DIGITS and (v[0] != 48 or len(v) == 1):
+        return int(v), True
+    return _content_length(values, status), False
+
+
 class RequestHead(_Fields):
     """A parsed request head. ``names``/``values``/``lnames`` give the fields in order, as received
     (``lnames`` lowercased). ``rewrite`` is False when the head can be forwarded as is, apart from the
@@ -440,13 +450,8 @@ def parse_request_head(head: bytes) -> RequestHead:
             r.rewrite = True
     elif cl_values:
         r.framing = LENGTH
-        v = cl_values[0]
-        if len(cl_values) == 1 and v.isdigit() and len(v) <= _MAX_CONTENT_LENGTH_DIGITS and (
-                v[0] != 48 or len(v) == 1):
-            r.length = int(v)
-        else:
-            # Duplicates ("5, 5"), leading zeros: validated, then forwarded as one canonical value.
-            r.length = _content_length(cl_values, 400)
+        r.length, canonical = _framing_length(cl_values, 400)
+        if not canonical:
             r.rewrite = True
 
     if expect_values:
@@ -579,12 +584,8 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
         return r
     if cl_values:
         r.framing = LENGTH
-        v = cl_values[0]
-        if len(cl_values) == 1 and v.isdigit() and len(v) <= _MAX_CONTENT_LENGTH_DIGITS and (
-                v[0] != 48 or len(v) == 1):
-            r.length = int(v)
-        else:
-            r.length = _content_length(cl_values, 502)
+        r.length, canonical = _framing_length(cl_values, 502)
+        if not canonical:
             r.rewrite = True
         return r
     # Step 8: read until the server closes.
