@@ -43,7 +43,12 @@ SCENARIOS: Dict[str, Tuple[str, List[str], str]] = {
     "64k": ("/64k", [], "64 KiB responses, keep-alive"),
     "1m": ("/1m", [], "1 MiB responses, keep-alive"),
     "workers": ("/", [], "small response, keep-alive: balrs with workers = 1 and workers = 2, nothing pinned"),
+    "strategies": ("/", [], "small response, keep-alive: balrs with every strategy (health bookkeeping on)"),
 }
+# Not in the default run (--only strategies): nine more balrs runs.
+DEFAULT_SCENARIOS = ["small", "close", "64k", "1m", "workers"]
+STRATEGIES = ["round_robin", "least_connections", "weighted_least_connections", "least_response_time",
+              "weighted_least_response_time", "power_of_two", "random", "ip_hash", "consistent_hash"]
 TARGETS = ["direct", "balrs", "haproxy"]
 WORKER_TARGETS = ["w1", "w2"]
 
@@ -365,7 +370,7 @@ backend be
 BALRS_INI = """\
 [balancer]
 listen = 127.0.0.1:{port}
-strategy = round_robin
+strategy = {strategy}
 connect_timeout = 5s
 header_timeout = 30s
 client_timeout = 120s
@@ -457,13 +462,14 @@ class Bench:
 
     # proxies ----------------------------------------------------------------------------------------
 
-    def start_balrs(self, tag: str, workers: int = 1, cpu: Optional[int] = -1) -> Tuple[subprocess.Popen, int, str]:
+    def start_balrs(self, tag: str, workers: int = 1, cpu: Optional[int] = -1,
+                    strategy: str = "round_robin") -> Tuple[subprocess.Popen, int, str]:
         port = free_port()
         backends = "\n".join("[backend b%d]\naddress = 127.0.0.1:%d\n" % (i + 1, p)
                              for i, p in enumerate(self.backend_ports))
         ini = os.path.join(self.tmp, "lb-%s.ini" % tag)
         with open(ini, "w") as f:
-            f.write(BALRS_INI.format(port=port, backends=backends, workers=workers))
+            f.write(BALRS_INI.format(port=port, backends=backends, workers=workers, strategy=strategy))
         log = os.path.join(self.tmp, "balrs-%s.log" % tag)
         p = self.procs.start(pin(self.proxy_cpu if cpu == -1 else cpu, [sys.executable, "-m", "balrs", ini]),
                              log, cwd=ROOT)
@@ -494,6 +500,8 @@ class Bench:
             port = self.backend_ports[0]
         elif target == "balrs":
             proc, port, log = self.start_balrs(scenario)
+        elif target in STRATEGIES:
+            proc, port, log = self.start_balrs(scenario + "-" + target, strategy=target)
         elif target in WORKER_TARGETS:
             # Nothing pinned: two workers need both cores, which wrk and the backends share with them.
             proc, port, log = self.start_balrs(scenario + target, workers=int(target[1:]), cpu=None)
@@ -554,7 +562,8 @@ class Bench:
         results: Dict[str, dict] = {}
         for name in args.only:
             results[name] = {}
-            targets = WORKER_TARGETS if name == "workers" else all_targets
+            targets = (WORKER_TARGETS if name == "workers" else STRATEGIES if name == "strategies"
+                       else all_targets)
             for target in targets:
                 print("  %-6s %-8s ..." % (name, target), end="", flush=True)
                 r = self.measure(target, name)
@@ -636,7 +645,7 @@ def print_table(results: Dict[str, dict], has_haproxy: bool) -> str:
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(hdr))) + "|")
     for name, res in results.items():
-        if name == "workers":
+        if name in ("workers", "strategies"):
             continue
         d, b, h = res.get("direct", {}), res.get("balrs", {}), res.get("haproxy", {})
         row = [name, _fmt(d.get("requests_per_s"), 0), _fmt(b.get("requests_per_s"), 0)]
@@ -657,6 +666,18 @@ def print_table(results: Dict[str, dict], has_haproxy: bool) -> str:
         row.append(" / ".join("%s%%" % _fmt(x.get("other_cpu_percent"), 0) if x.get("other_cpu_percent") is not None
                               else "-" for x in ([d, b, h] if has_haproxy else [d, b])))
         lines.append("| " + " | ".join(row) + " |")
+    st = results.get("strategies")
+    if st:
+        base = st.get("round_robin", {})
+        lines.append("")
+        lines.append("| strategy (small, keep-alive) | req/s | vs round_robin | CPU us/req |")
+        lines.append("|---|---:|---:|---:|")
+        for name in STRATEGIES:
+            r = st.get(name, {})
+            rel = (r.get("requests_per_s") / base["requests_per_s"]
+                   if r.get("requests_per_s") and base.get("requests_per_s") else None)
+            lines.append("| %s | %s | %s | %s |" % (name, _fmt(r.get("requests_per_s"), 0), _fmt(rel, 2),
+                                                   _fmt(r.get("cpu_us_per_request"))))
     w = results.get("workers")
     if w:
         lines.append("")
@@ -674,8 +695,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=None,
                     help="warm-up seconds before each measurement (default 2; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="3 s per scenario and target")
-    ap.add_argument("--only", default=",".join(SCENARIOS),
-                    help="comma-separated scenarios among %s (default: all)" % ", ".join(SCENARIOS))
+    ap.add_argument("--only", default=",".join(DEFAULT_SCENARIOS),
+                    help="comma-separated scenarios among %s (default: all but strategies)" % ", ".join(SCENARIOS))
     ap.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     ap.add_argument("--backend", choices=["auto", "nginx", "python"], default="auto",
                     help="backend servers: nginx, or bench/pybackend.py (auto: nginx when installed)")
@@ -733,14 +754,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     problems = []
     for name, res in results.items():
-        for target in TARGETS + WORKER_TARGETS:
+        for target in TARGETS + WORKER_TARGETS + STRATEGIES:
             r = res.get(target)
             if r is None:
                 continue
             e = _errors(r)
             if e:
                 problems.append("%s/%s: %s" % (name, target, e))
-            if target != "direct" and target != "haproxy" and r.get("log_problems"):
+            if target not in ("direct", "haproxy") and r.get("log_problems"):
                 problems.append("%s/balrs log: %d warning/error line(s), e.g. %s"
                                 % (name, len(r["log_problems"]), r["log_problems"][0]))
             if target != "direct" and target != "haproxy" and r.get("exit_code") not in (0, None):
