@@ -1,9 +1,13 @@
 """The admin endpoint: ``/metrics`` (Prometheus text) and ``/status`` (JSON), served by the same reactor.
 
 It has sockets of its own and never touches a client or upstream connection, so it stays off the
-proxy's path. Each admin connection answers one request and closes (``Connection: close``): a scrape
-every few seconds gains nothing from keep-alive, and one request per connection keeps the state machine
-to three steps: read the head, write the answer, linger. Memory is bounded (at most
+proxy's path. What it reports comes from a *snapshot source*: ``metrics.snapshot`` of the balancer it
+runs beside, or, under a supervisor with ``workers = N``, the merge of every worker's snapshot, which
+arrives later (the connection waits for it without blocking the loop).
+
+Each admin connection answers one request and closes (``Connection: close``): a scrape every few
+seconds gains nothing from keep-alive, and one request per connection keeps the state machine to four
+steps: read the head, wait for the snapshot, write the answer, linger. Memory is bounded (at most
 ``ADMIN_MAX_CONNECTIONS`` connections, each holding at most one head of ``ADMIN_HEAD_LIMIT`` bytes and
 one response) and so is time (every step has a deadline), so a stuck or hostile admin client costs a
 socket for a few seconds and nothing else.
@@ -14,21 +18,24 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .listener import Listener
 from .http.build import REASONS
 from .http.errors import ProtocolError
 from .http.heads import HeadBuffer, RequestHead, parse_request_head
-from .metrics import CONTENT_TYPE, STATUS_CONTENT_TYPE, render_metrics, status_json
-from .reactor import EVENT_READ, EVENT_WRITE
+from .metrics import CONTENT_TYPE, STATUS_CONTENT_TYPE, Snapshot, json_body, metrics_text, status_of
+from .reactor import EVENT_READ, EVENT_WRITE, Reactor
 from .timerwheel import Timer
 
 if TYPE_CHECKING:
     from .config import Address
-    from .server import Balancer
 
-__all__ = ["AdminServer", "ADMIN_HEAD_LIMIT", "ADMIN_REQUEST_TIMEOUT", "ADMIN_MAX_CONNECTIONS"]
+__all__ = ["AdminServer", "SnapshotSource", "ADMIN_HEAD_LIMIT", "ADMIN_REQUEST_TIMEOUT", "ADMIN_MAX_CONNECTIONS"]
+
+# source(deliver): calls deliver(snapshot) now or later on the same loop, once; deliver(None) means no
+# data (no worker answered), answered 503.
+SnapshotSource = Callable[[Callable[[Optional[Snapshot]], None]], None]
 
 log = logging.getLogger("balrs")
 
@@ -41,7 +48,9 @@ ADMIN_RECV_SIZE = 4096
 # A complete request head must arrive within this of the accept (nginx client_header_timeout is 60s;
 # a scraper sends its request at once, so a short bound only ever closes idle or slowloris sockets).
 ADMIN_REQUEST_TIMEOUT = 5.0
-# The client must take some of the response within this (nginx send_timeout, between two writes).
+# The client must take some of the response within this (nginx send_timeout, between two writes); the
+# snapshot source must deliver within it too (the supervisor's gives up on its workers after 0.5 s),
+# else the answer is 503.
 ADMIN_SEND_TIMEOUT = 5.0
 # After the response, what the client still sends is read and dropped for this long (at most
 # ADMIN_LINGER_MAX_BYTES), so that closing does not reset the connection before the client read the
@@ -68,11 +77,13 @@ _INDEX = (
 # The first AdminServer's creation time in this process (filled on first use, not at import).
 _FIRST_START: List[float] = []
 
-# Connection states: read the request head, write the response, drain what the client still sends.
+# Connection states: read the request head, wait for the snapshot, write the response, drain what the
+# client still sends.
 _READ = 0
-_WRITE = 1
-_LINGER = 2
-_CLOSED = 3
+_WAIT = 1
+_WRITE = 2
+_LINGER = 3
+_CLOSED = 4
 
 
 def build_response(status: int, content_type: bytes, body: bytes, head_only: bool = False,
@@ -109,15 +120,17 @@ def request_path(target: bytes) -> Optional[bytes]:
 
 
 class AdminServer:
-    """Serves the admin endpoint on every ``[admin] listen`` address, on the balancer's reactor."""
+    """Serves the admin endpoint on ``listen`` (the ``[admin] listen`` addresses) on ``reactor``,
+    reporting the snapshots ``source`` delivers."""
 
-    def __init__(self, srv: Balancer) -> None:
-        self.srv = srv
+    def __init__(self, reactor: Reactor, listen: Sequence[Address], source: SnapshotSource,
+                 reuse_port: bool = False) -> None:
+        self.reactor = reactor
+        self.listen = tuple(listen)
+        self.source = source
         self.conns: Dict[_AdminConn, None] = {}
-        # With workers = N every worker serves the admin port too (SO_REUSEPORT, like its listeners);
-        # each reports its own process's counters.
-        self.listener = Listener(srv.reactor, "admin accept", self._new_conn, ADMIN_ACCEPT_BATCH,
-                                 ADMIN_ACCEPT_BACKOFF, srv.reuse_port,
+        self.listener = Listener(reactor, "admin accept", self._new_conn, ADMIN_ACCEPT_BATCH,
+                                 ADMIN_ACCEPT_BACKOFF, reuse_port,
                                  lambda: len(self.conns) < ADMIN_MAX_CONNECTIONS)
         self.started = False
         # When this process started serving (Unix time), reported as balrs_start_time_seconds; kept
@@ -136,14 +149,13 @@ class AdminServer:
         return self.listener.accepting
 
     def start(self) -> None:
-        """Bind [admin] listen and serve. Raises OSError naming the address if one cannot be bound."""
-        admin = self.srv.config.admin
-        if self.started or admin is None:
+        """Bind the listen addresses and serve. Raises OSError naming the address if one cannot be bound."""
+        if self.started:
             return
-        self.listener.bind(admin.listen)
+        self.listener.bind(self.listen)
         self.started = True
         self.listener.resume()
-        log.info("admin endpoint on %s (/metrics, /status)", ", ".join(str(a) for a in admin.listen))
+        log.info("admin endpoint on %s (/metrics, /status)", ", ".join(str(a) for a in self.listen))
 
     def rebind(self, listen: Sequence[Address]) -> None:
         """Serve on ``listen`` from now on (a reload changed ``[admin] listen``). Addresses already
@@ -151,6 +163,7 @@ class AdminServer:
         nothing; removed ones are closed. Admin connections in progress are not touched."""
         before = self.listener.addresses
         self.listener.bind(listen)
+        self.listen = tuple(listen)
         self.started = True
         self.listener.resume()
         if self.listener.addresses != before:
@@ -163,6 +176,13 @@ class AdminServer:
             conn.close()
         self.started = False
 
+    def close_inherited(self) -> None:
+        """In a forked child: close our sockets without touching the reactor (the parent's)."""
+        for sock, _addr in self.listener.sockets:
+            sock.close()
+        for conn in self.conns:
+            conn.sock.close()
+
     def _new_conn(self, sock: socket.socket, peer: object) -> bool:
         conn = _AdminConn(self, sock)
         self.conns[conn] = None
@@ -174,29 +194,42 @@ class AdminServer:
             self.listener.resume()
 
     # ---- answering ------------------------------------------------------------------------------
-    def answer(self, req: RequestHead) -> Tuple[int, bytes]:
-        """(status, complete response bytes) for one admin request."""
+    def handle(self, conn: _AdminConn, req: RequestHead) -> None:
+        """Answer one request on ``conn`` (now, or when the snapshot source delivers)."""
         head_only = req.method == b"HEAD"
         path = request_path(req.target)
+        log.debug("admin: %s %s", req.method.decode("ascii", "replace"), req.target[:200].decode("ascii", "replace"))
         if path not in (b"/", b"/metrics", b"/status"):
-            return 404, _error(404, head_only)
-        if req.method not in (b"GET", b"HEAD"):
-            return 405, _error(405, extra=b"Allow: %s\r\n" % ALLOW)
+            conn.respond(_error(404, head_only))
+        elif req.method not in (b"GET", b"HEAD"):
+            conn.respond(_error(405, extra=b"Allow: %s\r\n" % ALLOW))
+        elif path == b"/":
+            conn.respond(build_response(200, b"text/html; charset=utf-8", _INDEX, head_only))
+        else:
+            try:
+                self.source(lambda snap: conn.respond(self.render(path, snap, head_only)))
+            except Exception as exc:  # a bug in a snapshot must cost one answer, not the loop or a traceback
+                log.error("admin: cannot answer %s: %s: %s", path.decode("ascii", "replace"),
+                          type(exc).__name__, exc)
+                conn.respond(_error(500, head_only))
+
+    def render(self, path: bytes, snap: Optional[Snapshot], head_only: bool = False) -> bytes:
+        """The complete response for ``path`` (/metrics or /status) from ``snap``."""
+        if snap is None:
+            log.warning("admin: no snapshot to answer %s with", path.decode("ascii", "replace"))
+            return _error(503, head_only)
         try:
             if path == b"/metrics":
-                body = render_metrics(self.srv, self.start_time).encode("utf-8")
+                body = metrics_text(snap).encode("utf-8")
                 ctype = CONTENT_TYPE.encode("ascii")
-            elif path == b"/status":
-                body = status_json(self.srv)
-                ctype = STATUS_CONTENT_TYPE.encode("ascii")
             else:
-                body = _INDEX
-                ctype = b"text/html; charset=utf-8"
+                body = json_body(status_of(snap))
+                ctype = STATUS_CONTENT_TYPE.encode("ascii")
         except Exception as exc:  # a bug in rendering must cost one answer, not the loop or a traceback
             log.error("admin: cannot answer %s: %s: %s", path.decode("ascii", "replace"),
                       type(exc).__name__, exc)
-            return 500, _error(500, head_only)
-        return 200, build_response(200, ctype, body, head_only)
+            return _error(500, head_only)
+        return build_response(200, ctype, body, head_only)
 
 
 class _AdminConn:
@@ -207,7 +240,7 @@ class _AdminConn:
 
     def __init__(self, admin: AdminServer, sock: socket.socket) -> None:
         self.admin = admin
-        self.reactor = admin.srv.reactor
+        self.reactor = admin.reactor
         self.sock = sock
         self.fd = sock.fileno()
         self.events = 0
@@ -257,7 +290,10 @@ class _AdminConn:
             return
         if self.state == _READ and len(self.head):
             # Part of a head arrived but not the rest (slowloris): say so, like the balancer does.
-            self._respond(_error(408))
+            self.respond(_error(408))
+        elif self.state == _WAIT:
+            log.warning("admin: the snapshot did not arrive within %gs", ADMIN_SEND_TIMEOUT)
+            self.respond(_error(503))
         else:
             self.close()
 
@@ -291,15 +327,20 @@ class _AdminConn:
             req = parse_request_head(head)
         except ProtocolError as exc:
             log.debug("admin: bad request: %s", exc)
-            self._respond(_error(exc.status))
+            self.respond(_error(exc.status))
             return
-        status, response = self.admin.answer(req)
-        log.debug("admin: %s %s -> %d", req.method.decode("ascii", "replace"),
-                  req.target[:200].decode("ascii", "replace"), status)
-        self._respond(response)
+        # Until the answer is ready nothing more is read (what the client sends waits in the kernel).
+        self.state = _WAIT
+        self.head = HeadBuffer(0)  # drop what was buffered
+        self._set_events(0)
+        self._set_deadline(self.reactor.now + ADMIN_SEND_TIMEOUT)
+        self.admin.handle(self, req)
 
-    def _respond(self, data: bytes) -> None:
-        """Send ``data``, then close (after lingering)."""
+    def respond(self, data: bytes) -> None:
+        """Send ``data``, then close (after lingering). Ignored unless the answer is still owed (the
+        connection may have closed while it waited for a snapshot)."""
+        if self.state not in (_READ, _WAIT):
+            return
         self.state = _WRITE
         self.head = HeadBuffer(0)  # drop what was buffered
         self.out = memoryview(data)

@@ -108,12 +108,13 @@ def run(config: Config, overrides: Optional[Callable[[Config], Config]] = None) 
             return 1
     from .server import Balancer
     balancer = Balancer(config, overrides=overrides)
+    # Handlers first: a SIGTERM that arrives as soon as the port is open must drain, not kill.
+    balancer.install_signal_handlers()
     try:
         balancer.listen()
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 1
-    balancer.install_signal_handlers()
     try:
         balancer.start()
     except OSError as exc:

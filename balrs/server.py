@@ -12,9 +12,10 @@ import socket
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .admin import AdminServer
-from .config import Address, Config, ConfigError, load
+from .config import Address, AdminConfig, Config, ConfigError, load
 from .health import Health
 from .listener import Listener
+from .metrics import Snapshot, snapshot as metrics_snapshot
 from .resolver import Resolver, is_ip_literal
 from .pool import Pool
 from .proxy import ClientConn
@@ -40,13 +41,17 @@ class Balancer:
     """Everything one balrs process serves with."""
 
     def __init__(self, config: Config, reactor: Optional[Reactor] = None,
-                 overrides: Optional[Callable[[Config], Config]] = None, reuse_port: bool = False) -> None:
+                 overrides: Optional[Callable[[Config], Config]] = None, reuse_port: bool = False,
+                 serve_admin: bool = True) -> None:
         self.reactor = reactor if reactor is not None else Reactor()
         self.selector = self.reactor.selector
         self.config = config
         # Command-line overrides, applied again to every reloaded file.
         self.overrides = overrides
         self.reuse_port = reuse_port
+        # A worker under a supervisor leaves [admin] to the supervisor, which asks every worker for a
+        # snapshot (control.py) and answers for all of them.
+        self.serve_admin = serve_admin
         self.pool = Pool(config.backends, _active_strategy(config.strategy), config.hash_key, self.reactor.clock)
         self.clients: Dict[ClientConn, None] = {}
         self.listener = Listener(self.reactor, "accept", self._new_client, ACCEPT_BATCH, ACCEPT_BACKOFF,
@@ -62,7 +67,23 @@ class Balancer:
         self._apply_settings(config)
         self.health = Health(self)
         self.resolver = Resolver(self)
-        self.admin: Optional[AdminServer] = AdminServer(self) if config.admin is not None else None
+        admin = self._admin_config(config)
+        self.admin: Optional[AdminServer] = self._make_admin(admin) if admin is not None else None
+
+    # ---- admin -----------------------------------------------------------------------------------
+    def _admin_config(self, config: Config) -> Optional[AdminConfig]:
+        return config.admin if self.serve_admin else None
+
+    def _make_admin(self, admin: AdminConfig) -> AdminServer:
+        return AdminServer(self.reactor, admin.listen, self._admin_source, self.reuse_port)
+
+    def _admin_source(self, deliver: Callable[[Optional[Snapshot]], None]) -> None:
+        deliver(self.snapshot())
+
+    def snapshot(self) -> Snapshot:
+        """This balancer's counters and state as plain data (``metrics.snapshot``); what the admin
+        endpoint reports, and what a worker sends its supervisor."""
+        return metrics_snapshot(self, self.admin.start_time if self.admin is not None else None)
 
     def _apply_settings(self, c: Config) -> None:
         # Copied to plain attributes: connections read them on every request.
@@ -168,15 +189,16 @@ class Balancer:
         bound first (an error changes nothing), removed ones stop accepting; backends are matched by
         name and address so health state and counters carry over."""
         old = self.config
-        admin_moved = config.admin is not None and self.admin is not None and config.admin != old.admin
-        if admin_moved and self.admin is not None and config.admin is not None:
+        new_admin, old_admin = self._admin_config(config), self._admin_config(old)
+        admin_moved = new_admin is not None and self.admin is not None and new_admin != old_admin
+        if admin_moved and self.admin is not None and new_admin is not None:
             # New addresses are bound before anything changes: an error leaves the old config running.
-            self.admin.rebind(config.admin.listen)
+            self.admin.rebind(new_admin.listen)
         try:
             self.listener.bind(config.listen)
         except OSError:
-            if admin_moved and self.admin is not None and old.admin is not None:
-                self.admin.rebind(old.admin.listen)
+            if admin_moved and self.admin is not None and old_admin is not None:
+                self.admin.rebind(old_admin.listen)
             raise
 
         self.config = config
@@ -190,11 +212,11 @@ class Balancer:
         self.health.reload()
         if any(not b.resolved for b in added):
             self.resolver.trigger()
-        if config.admin is None and self.admin is not None:
+        if new_admin is None and self.admin is not None:
             self.admin.stop()
             self.admin = None
-        elif config.admin is not None and self.admin is None:
-            self.admin = AdminServer(self)
+        elif new_admin is not None and self.admin is None:
+            self.admin = self._make_admin(new_admin)
             try:
                 self.admin.start()
             except OSError as exc:

@@ -1,14 +1,18 @@
 """``workers = N``: a small supervisor process and N worker processes sharing each port.
 
-Each worker is a whole balancer (its own reactor, pool, health checks and admin listener) and binds
-every listen address itself with SO_REUSEPORT, so the kernel spreads new connections over the workers
-(nginx's ``reuseport``). The supervisor serves nothing; like gunicorn's arbiter it only:
+Each worker is a whole balancer (its own reactor, pool, health checks and counters) and binds every
+listen address itself with SO_REUSEPORT, so the kernel spreads new connections over the workers
+(nginx's ``reuseport``). The supervisor serves no traffic; like gunicorn's arbiter it:
 
 - forks the workers and restarts one that dies (with a growing delay if it keeps dying at once),
 - forwards SIGTERM/SIGINT (graceful drain) and SIGHUP (reload) to them,
 - re-reads the file on SIGHUP first, so an invalid file is reported once and changes nothing, and
   starts or stops workers when ``workers`` changed,
-- exits 0 once every worker has drained (killing stragglers after drain_timeout plus a grace period).
+- exits 0 once every worker has drained (killing stragglers after drain_timeout plus a grace period),
+
+and it serves the admin endpoint for the whole balancer: each worker has a control channel to the
+supervisor (a socket pair made before the fork), and an admin request asks every worker for a snapshot
+of its counters and answers with their merge (``control.py``, ``metrics.merge``).
 
 Signal handlers only record; the supervisor's own reactor acts on them (STYLE habit 11).
 """
@@ -19,9 +23,12 @@ import errno
 import logging
 import os
 import signal
+import socket
 from typing import Callable, Dict, Optional
 
+from .admin import AdminServer
 from .config import Config, ConfigError, load
+from .control import SnapshotCollector, WorkerControl
 from .reactor import Reactor
 from .listener import bind_listener
 
@@ -42,24 +49,29 @@ STOP_GRACE = 5.0
 EXIT_BIND = 3
 
 
-def run_worker(config: Config, overrides: Optional[Callable[[Config], Config]]) -> int:
-    """Body of a worker process: a Balancer with SO_REUSEPORT listeners."""
+def run_worker(config: Config, overrides: Optional[Callable[[Config], Config]],
+               control: Optional[socket.socket] = None) -> int:
+    """Body of a worker process: a Balancer with SO_REUSEPORT listeners, without the admin endpoint
+    (the supervisor serves it), answering the supervisor's questions on ``control``."""
     from .server import Balancer
-    balancer = Balancer(config, overrides=overrides, reuse_port=True)
+    balancer = Balancer(config, overrides=overrides, reuse_port=True, serve_admin=False)
+    balancer.install_signal_handlers()  # before the port opens: an early SIGTERM drains
     try:
         balancer.listen()
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return EXIT_BIND
-    balancer.install_signal_handlers()
     try:
         balancer.start()
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return EXIT_BIND
+    worker_control = WorkerControl(balancer.reactor, control, balancer.snapshot) if control is not None else None
     try:
         return balancer.run()
     finally:
+        if worker_control is not None:
+            worker_control.close()
         balancer.reactor.close()
 
 
@@ -73,15 +85,28 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
         self._restart_pending = 0
+        # The workers' control channels, and the admin endpoint that reports what they answer.
+        self.collector = SnapshotCollector(self.reactor, lambda: self.config.workers,
+                                           lambda: self.admin.start_time if self.admin is not None else None)
+        self.admin: Optional[AdminServer] = None
 
     # ---- start ---------------------------------------------------------------------------------
     def check_bind(self) -> None:
         """Fail at start-up, with the address in the message, when a listen address cannot be bound
-        (each worker binds for itself; this is only a trial without listen(), so it takes no traffic)."""
-        addrs = list(self.config.listen) + (list(self.config.admin.listen) if self.config.admin else [])
-        for addr in addrs:
+        (each worker binds for itself; this is only a trial without listen(), so it takes no traffic).
+        The admin addresses are bound for real by :meth:`start_admin`."""
+        for addr in self.config.listen:
             sock = bind_listener(addr, reuse_port=True, listen=False)
             sock.close()
+
+    def start_admin(self) -> None:
+        """Serve [admin] listen (if configured) from the supervisor. Raises OSError naming the address."""
+        admin = self.config.admin
+        if admin is None or self.admin is not None:
+            return
+        server = AdminServer(self.reactor, admin.listen, self.collector.collect)
+        server.start()
+        self.admin = server
 
     def run(self) -> int:
         self.check_bind()
@@ -90,35 +115,55 @@ class Supervisor:
         r.add_signal_handler(signal.SIGINT, self._on_stop)
         r.add_signal_handler(signal.SIGHUP, self._on_hup)
         r.add_signal_handler(signal.SIGCHLD, self._on_child)
-        log.info("supervisor: starting %d workers", self.config.workers)
-        for _ in range(self.config.workers):
-            self._spawn()
         try:
+            self.start_admin()
+            log.info("supervisor: starting %d workers", self.config.workers)
+            for _ in range(self.config.workers):
+                self._spawn()
             r.run()
         finally:
+            if self.admin is not None:
+                self.admin.stop()
+            self.collector.close()
             r.close()
         return self.exit_code
 
     def _spawn(self) -> None:
-        pid = os.fork()
+        # The control channel: the supervisor keeps one end, the worker the other.
+        ours, theirs = socket.socketpair()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:
             code = 1
             try:
+                ours.close()
                 self._become_worker()
-                code = run_worker(self.config, self.overrides)
+                code = run_worker(self.config, self.overrides, theirs)
             except BaseException:  # noqa: B036 - a worker must never return into the supervisor's code
                 log.exception("worker crashed")
             finally:
                 logging.shutdown()
                 os._exit(code)
+        theirs.close()
         self.workers[pid] = self.reactor.clock()
+        self.collector.add(pid, ours)
         log.info("supervisor: worker %d started", pid)
 
     def _become_worker(self) -> None:
-        """In the child: drop the supervisor's loop and signal plumbing before building our own."""
+        """In the child: drop the supervisor's loop, signal plumbing, admin sockets and the other
+        workers' control channels before building our own."""
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+        # Closed without unregistering: the selector (the parent's registrations) goes with them.
+        if self.admin is not None:
+            self.admin.close_inherited()
+        for sock in self.collector.sockets():
+            sock.close()
         self.reactor.selector.close()
 
     # ---- signals -------------------------------------------------------------------------------
@@ -145,7 +190,24 @@ class Supervisor:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         old = self.config
+        # [admin] is the supervisor's: new addresses are bound first, and if they cannot be, nothing
+        # changes (like a single balancer's reload).
+        if config.admin is not None and self.admin is not None and config.admin != old.admin:
+            try:
+                self.admin.rebind(config.admin.listen)
+            except OSError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc.strerror or exc)
+                return
         self.config = config
+        if config.admin is None and self.admin is not None:
+            self.admin.stop()
+            self.admin = None
+            log.info("supervisor: admin endpoint stopped")
+        elif config.admin is not None and self.admin is None:
+            try:
+                self.start_admin()
+            except OSError as exc:
+                log.error("admin endpoint: %s", exc.strerror or exc)
         log.info("supervisor: SIGHUP, reloading %d workers", len(self.workers))
         self._signal_all(signal.SIGHUP)
         # More or fewer workers: start the missing ones (they read the new file), drain the extra ones.
@@ -171,6 +233,7 @@ class Supervisor:
             started = self.workers.pop(pid, None)
             if started is None:
                 continue
+            self.collector.remove(pid)
             code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
             if self.stopping or started < 0:
                 log.info("supervisor: worker %d exited (%s)", pid, code)

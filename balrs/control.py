@@ -1,0 +1,371 @@
+"""The control channel between the supervisor and each worker (``workers = N``), and what runs on it.
+
+The supervisor makes one ``socket.socketpair()`` per worker before forking it; each side registers its
+end on its own reactor. Messages are JSON objects framed by a 4-byte big-endian length (like
+multiprocessing's ``Connection``), read with a sans-IO ``FrameReader`` and written with the same
+non-blocking write path as the proxy (try ``send``, register for writing only after a partial send;
+STYLE habit 7), so neither side ever blocks on the other.
+
+One exchange exists: the supervisor asks ``{"id": N, "op": "snapshot"}`` and the worker answers
+``{"id": N, "snapshot": {...}}`` (``metrics.snapshot`` of its balancer). ``SnapshotCollector`` runs the
+supervisor's side: an admin request starts a *round* that asks every live worker and ends when all
+answered, or after ``COLLECT_TIMEOUT`` with what arrived; admin requests that come meanwhile join the
+round. A worker has at most one question outstanding, so a stuck worker costs one small frame, not a
+growing queue; its late answer to an old round is dropped and the current question asked instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .metrics import Snapshot, merge
+from .reactor import EVENT_READ, EVENT_WRITE, Reactor
+from .timerwheel import Timer
+
+__all__ = [
+    "COLLECT_TIMEOUT", "Channel", "ControlError", "FrameReader", "SnapshotCollector", "WorkerControl",
+    "encode_frame",
+]
+
+log = logging.getLogger("balrs")
+
+# ---- limits (STYLE habit 4) -----------------------------------------------------------------------
+# The largest frame either side accepts. A snapshot takes about 350 bytes per backend, so this allows
+# some 100000 backends; a larger length prefix means a corrupt stream, and the channel is closed.
+CONTROL_MAX_FRAME = 64 * 1024 * 1024
+# Bytes read per readiness event (a big snapshot arrives over several events, other work in between).
+CONTROL_RECV_SIZE = 256 * 1024
+# How long an admin request waits for the workers' snapshots before it is answered with those that
+# arrived (Prometheus' default scrape_timeout is 10s; a worker answers within one loop turn, so 500 ms
+# only runs out for a worker that is stuck or still starting).
+COLLECT_TIMEOUT = 0.5
+
+_HEADER = struct.Struct(">I")
+
+
+class ControlError(Exception):
+    """The peer sent something that is not a frame of a JSON object (the channel cannot continue)."""
+
+
+def encode_frame(msg: Dict[str, Any]) -> bytes:
+    data = json.dumps(msg, separators=(",", ":")).encode("utf-8")
+    if len(data) > CONTROL_MAX_FRAME:
+        raise ControlError("message of %d bytes is over the %d-byte frame limit" % (len(data), CONTROL_MAX_FRAME))
+    return _HEADER.pack(len(data)) + data
+
+
+class FrameReader:
+    """Sans-IO: fed bytes, returns the complete messages. Only the 4-byte length of the frame in
+    progress is looked at until its body is complete, so feeding one byte at a time stays O(n)."""
+
+    __slots__ = ("buf", "max_frame")
+
+    def __init__(self, max_frame: int = CONTROL_MAX_FRAME) -> None:
+        self.buf = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> List[Dict[str, Any]]:
+        """The messages completed by ``data``. Raises ControlError on an oversized frame or a body that
+        is not a JSON object."""
+        buf = self.buf
+        buf += data
+        out: List[Dict[str, Any]] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (length,) = _HEADER.unpack_from(buf, pos)
+            if length > self.max_frame:
+                raise ControlError("frame of %d bytes is over the %d-byte limit" % (length, self.max_frame))
+            if end - pos - 4 < length:
+                break
+            body = bytes(buf[pos + 4:pos + 4 + length])
+            pos += 4 + length
+            try:
+                msg = json.loads(body.decode("utf-8"))
+            except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+                raise ControlError("frame is not JSON: %s" % exc) from None
+            if not isinstance(msg, dict):
+                raise ControlError("frame is not a JSON object")
+            out.append(msg)
+        if pos:
+            del buf[:pos]
+        return out
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+
+class Channel:
+    """One end of a control socket pair on a reactor: framed messages in and out, never blocking.
+
+    ``on_message(msg)`` is called for each message; ``on_close()`` once when the channel ends (the peer
+    closed or broke it, or :meth:`close`)."""
+
+    __slots__ = ("reactor", "sock", "fd", "reader", "out", "events", "closed", "on_message", "on_close",
+                 "name", "_io")
+
+    def __init__(self, reactor: Reactor, sock: socket.socket, on_message: Callable[[Dict[str, Any]], None],
+                 on_close: Callable[[], None] = lambda: None, name: str = "control") -> None:
+        self.reactor = reactor
+        self.sock = sock
+        sock.setblocking(False)
+        self.fd = sock.fileno()
+        self.reader = FrameReader()
+        self.out = bytearray()
+        self.on_message = on_message
+        self.on_close = on_close
+        self.name = name
+        self.closed = False
+        self._io = self._on_io
+        self.events = EVENT_READ
+        reactor.register(self.fd, EVENT_READ, self._io)
+
+    def __repr__(self) -> str:
+        return "<Channel %s fd=%d>" % (self.name, self.fd)
+
+    def send(self, msg: Dict[str, Any]) -> bool:
+        """Queue ``msg`` and send what the socket takes now. False if the channel is closed."""
+        if self.closed:
+            return False
+        self.out += encode_frame(msg)
+        self._flush()
+        return not self.closed
+
+    def _set_events(self, events: int) -> None:
+        if events != self.events:
+            self.reactor.modify(self.fd, events, self._io)
+            self.events = events
+
+    def _flush(self) -> None:
+        out = self.out
+        while out:
+            try:
+                n = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._fail("send: %s" % (exc.strerror or exc))
+                return
+            del out[:n]
+        self._set_events(EVENT_READ | EVENT_WRITE if out else EVENT_READ)
+
+    def _on_io(self, mask: int) -> None:
+        if mask & EVENT_WRITE:
+            self._flush()
+        if mask & EVENT_READ and not self.closed:
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(CONTROL_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail("recv: %s" % (exc.strerror or exc))
+            return
+        if not data:
+            if len(self.reader):
+                log.warning("%s: peer closed in the middle of a message", self.name)
+            self.close()
+            return
+        try:
+            messages = self.reader.feed(data)
+        except ControlError as exc:
+            self._fail(str(exc))
+            return
+        for msg in messages:
+            if self.closed:
+                return
+            self.on_message(msg)
+
+    def _fail(self, why: str) -> None:
+        log.error("%s: %s; closing the channel", self.name, why)
+        self.close()
+
+    def close(self) -> None:
+        """Unregister and close (idempotent); calls ``on_close``."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.reactor.unregister(self.fd)
+        except (KeyError, ValueError):
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.out = bytearray()
+        self.on_close()
+
+
+# ---- the worker's side -------------------------------------------------------------------------------
+class WorkerControl:
+    """In a worker: answers the supervisor's questions on the control channel with ``snapshot()``."""
+
+    def __init__(self, reactor: Reactor, sock: socket.socket, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+        self.channel = Channel(reactor, sock, self._on_message, name="control channel")
+
+    def _on_message(self, msg: Dict[str, Any]) -> None:
+        op = msg.get("op")
+        reply: Dict[str, Any] = {"id": msg.get("id")}
+        if op == "snapshot":
+            try:
+                reply["snapshot"] = self.snapshot()
+            except Exception as exc:  # a bug in a snapshot must cost one answer, not the worker's loop
+                log.exception("control: cannot take a snapshot")
+                reply["error"] = "%s: %s" % (type(exc).__name__, exc)
+        else:
+            reply["error"] = "unknown op %r" % (op,)
+        self.channel.send(reply)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+# ---- the supervisor's side ---------------------------------------------------------------------------
+Deliver = Callable[[Optional[Snapshot]], None]
+
+
+class _Worker:
+    """The supervisor's view of one worker's channel."""
+
+    __slots__ = ("pid", "channel", "asked")
+
+    def __init__(self, pid: int, channel: Channel) -> None:
+        self.pid = pid
+        self.channel = channel
+        self.asked: Optional[int] = None   # id of the question not yet answered
+
+
+class _Round:
+    __slots__ = ("id", "waiting", "answers", "asked", "deliver", "timer")
+
+    def __init__(self, round_id: int, waiting: Sequence[int]) -> None:
+        self.id = round_id
+        self.waiting = set(waiting)        # pids still to answer
+        self.asked = len(waiting)
+        self.answers: Dict[int, Snapshot] = {}
+        self.deliver: List[Deliver] = []
+        self.timer: Optional[Timer] = None
+
+
+class SnapshotCollector:
+    """In the supervisor: the workers' channels, and collection rounds for the admin endpoint.
+
+    :meth:`collect` is an ``AdminServer`` snapshot source: it calls ``deliver`` with the merged
+    snapshot once every worker answered or ``timeout`` passed (None if no worker answered)."""
+
+    def __init__(self, reactor: Reactor, workers_configured: Callable[[], int],
+                 start_time: Callable[[], Optional[float]] = lambda: None,
+                 timeout: float = COLLECT_TIMEOUT) -> None:
+        self.reactor = reactor
+        self.workers_configured = workers_configured
+        self.start_time = start_time
+        self.timeout = timeout
+        self.workers: Dict[int, _Worker] = {}
+        self.round: Optional[_Round] = None
+        self._next_id = 1
+
+    # ---- channels ----
+    def add(self, pid: int, sock: socket.socket) -> None:
+        """Watch the supervisor's end of a new worker's channel."""
+        self.remove(pid)
+        channel = Channel(self.reactor, sock, lambda msg: self._on_reply(pid, msg),
+                          lambda: self._on_channel_closed(pid), name="worker %d control channel" % pid)
+        self.workers[pid] = _Worker(pid, channel)
+
+    def remove(self, pid: int) -> None:
+        """The worker exited (or will not be asked again): close its channel."""
+        w = self.workers.get(pid)
+        if w is not None:
+            w.channel.close()   # calls _on_channel_closed
+
+    def sockets(self) -> List[socket.socket]:
+        return [w.channel.sock for w in self.workers.values()]
+
+    def close(self) -> None:
+        for pid in list(self.workers):
+            self.remove(pid)
+
+    def _on_channel_closed(self, pid: int) -> None:
+        self.workers.pop(pid, None)
+        r = self.round
+        if r is not None and pid in r.waiting:
+            r.waiting.discard(pid)
+            self._maybe_finish()
+
+    # ---- rounds ----
+    def collect(self, deliver: Deliver) -> None:
+        r = self.round
+        if r is None:
+            r = self.round = _Round(self._next_id, list(self.workers))
+            self._next_id += 1
+            for pid in list(r.waiting):
+                w = self.workers.get(pid)
+                if w is not None and w.asked is None:
+                    self._ask(w, r.id)
+            r.timer = self.reactor.call_later(self.timeout, self._expired)
+        r.deliver.append(deliver)
+        self._maybe_finish()
+
+    def _ask(self, w: _Worker, round_id: int) -> None:
+        w.asked = round_id
+        w.channel.send({"id": round_id, "op": "snapshot"})   # a failure closes the channel
+
+    def _on_reply(self, pid: int, msg: Dict[str, Any]) -> None:
+        w = self.workers.get(pid)
+        if w is None:
+            return
+        w.asked = None
+        r = self.round
+        if r is None or pid not in r.waiting:
+            return
+        if msg.get("id") != r.id:
+            # An answer to an earlier round that timed out: too old for this one; ask again.
+            self._ask(w, r.id)
+            return
+        snap = msg.get("snapshot")
+        if isinstance(snap, dict):
+            r.answers[pid] = snap
+        else:
+            log.error("supervisor: worker %d could not answer a snapshot: %s", pid, msg.get("error"))
+        r.waiting.discard(pid)
+        self._maybe_finish()
+
+    def _expired(self) -> None:
+        r = self.round
+        if r is None:
+            return
+        r.timer = None
+        log.warning("supervisor: admin: no snapshot from worker(s) %s within %gs; answering with %d of %d",
+                    ", ".join(str(p) for p in sorted(r.waiting)), self.timeout, len(r.answers), r.asked)
+        r.waiting.clear()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        r = self.round
+        if r is None or r.waiting or not r.deliver:
+            return
+        self.round = None
+        if r.timer is not None:
+            r.timer.cancel()
+            r.timer = None
+        result: Optional[Snapshot] = None
+        if r.answers:
+            snaps = [r.answers[pid] for pid in sorted(r.answers)]
+            try:
+                result = merge(snaps, os.getpid(), self.start_time(), r.asked, self.workers_configured())
+            except Exception:  # a malformed answer must cost one admin answer, not the supervisor's loop
+                log.exception("supervisor: cannot merge the workers' snapshots")
+        for deliver in r.deliver:
+            try:
+                deliver(result)
+            except Exception:
+                log.exception("supervisor: admin: cannot answer")
