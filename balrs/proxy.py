@@ -20,6 +20,7 @@ import errno
 import logging
 import socket
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING, Deque, List, Optional, Union
 
 from .http.build import client_response_head, error_response, forwarded_suffix, upstream_request_head
@@ -216,7 +217,7 @@ class _Stream:
             self.write(b"".join(parts))
 
     def _flush(self) -> bool:
-        """Send queued bytes. Returns False if the connection failed (and was closed)."""
+        """Send queued bytes. Returns False if the connection failed (its close then runs from the loop)."""
         out = self.out
         sock = self.sock
         while out:
@@ -225,7 +226,7 @@ class _Stream:
                     want = len(out[0])
                     n = sock.send(out[0])
                 else:
-                    bufs = list(out)[:MAX_IOV]
+                    bufs = list(islice(out, MAX_IOV))
                     want = sum(len(b) for b in bufs)
                     n = sock.sendmsg(bufs)
             except (BlockingIOError, InterruptedError):
@@ -300,7 +301,7 @@ class ClientConn(_Stream):
 
     __slots__ = (
         "inbuf", "client_ip", "client_ip_b", "suffix", "req", "req_bytes", "body_left", "decoder",
-        "upstream", "close_after", "eof", "resp_started", "tried", "timeouts", "status", "out_framing",
+        "upstream", "close_after", "eof", "resp_started", "tried", "timeouts",
         "idle_since", "head_start", "last_read", "reading", "processing", "linger_start", "linger_bytes",
         "paused_for_pipeline", "linger", "queued_at", "addr_retries", "broken",
     )
@@ -323,8 +324,6 @@ class ClientConn(_Stream):
         self.resp_started = False
         self.tried: Optional[List[Backend]] = None
         self.timeouts = 0
-        self.status = 0
-        self.out_framing = NO_BODY
         self.idle_since = now
         self.head_start = now
         self.last_read = now
@@ -645,8 +644,6 @@ class ClientConn(_Stream):
             # A final answer before the whole request arrived: the connection cannot be reused.
             self.close_after = True
         self.resp_started = True
-        self.status = resp.status
-        self.out_framing = framing
         self.srv.status_counts[resp.status] += 1
         return client_response_head(resp, framing, self.close_after, req.minor), framing
 
@@ -684,7 +681,6 @@ class ClientConn(_Stream):
         """The backend switched protocols: from now on bytes flow both ways untouched."""
         self._to(C_TUNNEL)
         self.resp_started = True
-        self.status = 101
         self.srv.status_counts[101] += 1
         self.last_read = self.reactor.now
         self.write(head_and_data)
@@ -1226,8 +1222,6 @@ class UpstreamConn(_Stream):
                 # nothing to rewrite, for a keep-alive HTTP/1.1 client. The head goes out as received,
                 # together with the body bytes of this read, in one send.
                 client.resp_started = True
-                client.status = status
-                client.out_framing = LENGTH
                 self.srv.status_counts[status] += 1
                 self.framing = LENGTH
                 if not resp.keep_alive:

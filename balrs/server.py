@@ -18,7 +18,7 @@ from .listener import Listener
 from .metrics import Snapshot, snapshot as metrics_snapshot
 from .resolver import Resolver, is_ip_literal
 from .pool import Pool
-from .proxy import ClientConn
+from .proxy import CLIENT_RECV_SIZE, ClientConn
 from .reactor import Reactor
 from .timerwheel import Timer
 
@@ -102,7 +102,7 @@ class Balancer:
         self.queue_timeout = c.queue_timeout
         self.max_response_head = max(MAX_RESPONSE_HEAD, c.max_header_bytes)
         # Pipelined requests buffered while one is answered: one full head plus one read.
-        self.pipeline_limit = c.max_header_bytes + 65536
+        self.pipeline_limit = c.max_header_bytes + CLIENT_RECV_SIZE
         # How often a connection in a state with no deadline of its own looks at its state again (every
         # transition into a state with a deadline arms the timer for it; this is the safety net).
         self.check_interval = max(0.05, min(c.client_timeout, c.header_timeout, c.backend_timeout,
