@@ -36,7 +36,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Dict, FrozenSet, Optional
 
 from .http.errors import ProtocolError
-from .http.heads import HeadBuffer, parse_response_head
+from .http.heads import RESPONSE, HeadBuffer, parse_response_head
 from .reactor import EVENT_READ, EVENT_WRITE
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ class _Probe:
             return
         self._to(P_SENDING)
         self.out = probe_request(cfg.path, self.backend.host_header)
-        self.heads = HeadBuffer(MAX_PROBE_HEAD)
+        self.heads = HeadBuffer(MAX_PROBE_HEAD, RESPONSE)
         self._send()
 
     def _send(self) -> None:

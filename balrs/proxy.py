@@ -27,8 +27,8 @@ from .http.build import client_response_head, error_response, forwarded_suffix, 
 from .http.chunked import CRLF, ChunkedDecoder, chunk_header
 from .http.errors import ProtocolError
 from .http.heads import (
-    CHUNKED, CLOSE_DELIMITED, LENGTH, NO_BODY, HeadBuffer, RequestHead, ResponseHead, parse_request_head,
-    parse_response_head,
+    CHUNKED, CLOSE_DELIMITED, LENGTH, NO_BODY, RESPONSE, HeadBuffer, RequestHead, ResponseHead,
+    parse_request_head, parse_response_head,
 )
 from .reactor import EVENT_READ, EVENT_WRITE, Reactor
 from .timerwheel import Timer
@@ -1006,7 +1006,7 @@ class UpstreamConn(_Stream):
         now = self.reactor.now
         self.backend = backend
         self.client: Optional[ClientConn] = None
-        self.hbuf = HeadBuffer(srv.max_response_head)
+        self.hbuf = HeadBuffer(srv.max_response_head, RESPONSE)
         self.framing = NO_BODY
         self.out_framing = NO_BODY
         self.body_left = 0

@@ -12,8 +12,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from balrs.http.errors import ProtocolError
 from balrs.http.heads import (
-    CHUNKED, CLOSE_DELIMITED, LENGTH, NO_BODY, HeadBuffer, RequestHead, ResponseHead, parse_request_head,
-    parse_response_head,
+    CHUNKED, CLOSE_DELIMITED, LENGTH, NO_BODY, REQUEST, RESPONSE, HeadBuffer, RequestHead, ResponseHead,
+    parse_request_head, parse_response_head,
 )
 
 # The HeadBuffer limit (max_header_bytes) used unless a case says otherwise.
@@ -48,6 +48,7 @@ class Req:
     target: bytes = b"/"
     minor: int = 1
     host: Optional[bytes] = b"example.com"
+    absolute: bool = False
     framing: int = NO_BODY
     length: int = 0
     keep_alive: bool = True
@@ -65,7 +66,7 @@ class Req:
     def expected(self) -> Dict[str, object]:
         return {
             "method": self.method, "target": self.target, "minor": self.minor, "host": self.host,
-            "framing": self.framing, "length": self.length, "keep_alive": self.keep_alive,
+            "absolute": self.absolute, "framing": self.framing, "length": self.length, "keep_alive": self.keep_alive,
             "expect_continue": self.expect_continue, "upgrade": self.upgrade, "rewrite": self.rewrite,
             "connection_tokens": list(self.connection_tokens),
         }
@@ -73,7 +74,8 @@ class Req:
 
 def request_summary(r: RequestHead) -> Dict[str, object]:
     return {
-        "method": r.method, "target": r.target, "minor": r.minor, "host": r.host, "framing": r.framing,
+        "method": r.method, "target": r.target, "minor": r.minor, "host": r.host, "absolute": r.absolute,
+        "framing": r.framing,
         "length": r.length, "keep_alive": r.keep_alive, "expect_continue": r.expect_continue,
         "upgrade": r.upgrade, "rewrite": r.rewrite, "connection_tokens": list(r.connection_tokens),
     }
@@ -130,10 +132,29 @@ VALID_REQUESTS: List[Req] = [
         minor=0, host=None, keep_alive=False, rewrite=True, connection_tokens=(b"upgrade",)),
     Req("http12-is-11", b"GET / HTTP/1.2\r\n" + H + b"\r\n", rewrite=True),
     Req("http19-is-11", b"GET / HTTP/1.9\r\n" + H + b"\r\n", rewrite=True),
+    # RFC 9112 §3.2.2: an absolute-form target goes on in origin-form, its authority replacing Host.
     Req("absolute-form", b"GET http://example.com/x?y HTTP/1.1\r\n" + H + b"\r\n",
-        target=b"http://example.com/x?y"),
+        target=b"/x?y", absolute=True, rewrite=True),
+    Req("absolute-form-other-host", b"GET http://evil.example/admin HTTP/1.1\r\nHost: good.example\r\n\r\n",
+        target=b"/admin", host=b"evil.example", absolute=True, rewrite=True),
+    Req("absolute-form-case", b"GET HTTPS://Example.COM:8443/P?Q HTTP/1.1\r\n" + H + b"\r\n",
+        target=b"/P?Q", host=b"Example.COM:8443", absolute=True, rewrite=True),
+    Req("absolute-form-empty-path", b"GET http://example.com HTTP/1.1\r\n" + H + b"\r\n",
+        target=b"/", absolute=True, rewrite=True),
+    Req("absolute-form-query-only", b"GET http://example.com?q=1 HTTP/1.1\r\n" + H + b"\r\n",
+        target=b"/?q=1", absolute=True, rewrite=True),
+    Req("absolute-form-ipv6", b"GET http://[::1]:8080/x HTTP/1.1\r\n" + H + b"\r\n",
+        target=b"/x", host=b"[::1]:8080", absolute=True, rewrite=True),
+    Req("absolute-form-options-empty-path", b"OPTIONS http://example.com:8001 HTTP/1.1\r\n" + H + b"\r\n",
+        method=b"OPTIONS", target=b"*", host=b"example.com:8001", absolute=True, rewrite=True),
+    Req("absolute-form-http10-no-host", b"GET http://example.com:80/abs?q HTTP/1.0\r\n\r\n",
+        target=b"/abs?q", minor=0, host=b"example.com:80", absolute=True, keep_alive=False, rewrite=True),
     Req("options-star", b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n", method=b"OPTIONS", target=b"*"),
-    Req("custom-method", b"M-SEARCH! * HTTP/1.1\r\n" + H + b"\r\n", method=b"M-SEARCH!", target=b"*"),
+    Req("custom-method", b"M-SEARCH! /x HTTP/1.1\r\n" + H + b"\r\n", method=b"M-SEARCH!", target=b"/x"),
+    Req("connect-authority-form", b"CONNECT example.com:443 HTTP/1.1\r\n" + H + b"\r\n", method=b"CONNECT",
+        target=b"example.com:443"),
+    Req("target-odd-but-valid", b"GET /a;b=c/%7e~!$&'()*+,=:@?x=/?y HTTP/1.1\r\n" + H + b"\r\n",
+        target=b"/a;b=c/%7e~!$&'()*+,=:@?x=/?y"),
     Req("leading-crlf", b"\r\n\r\nGET / HTTP/1.1\r\n" + H + b"\r\n"),
     Req("leading-bare-lf", b"\n\nGET / HTTP/1.1\r\n" + H + b"\r\n"),
     Req("connection-close", b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n", keep_alive=False,
@@ -150,6 +171,16 @@ VALID_REQUESTS: List[Req] = [
         rewrite=True),
     Req("expect-100", b"PUT / HTTP/1.1\r\n" + H + b"Expect: 100-Continue\r\nContent-Length: 10\r\n\r\n",
         method=b"PUT", framing=LENGTH, length=10, expect_continue=True),
+    # RFC 9110 §5.6.1: empty list elements are ignored; an Expect with none expects nothing.
+    Req("expect-empty", b"PUT / HTTP/1.1\r\n" + H + b"Expect:\r\nContent-Length: 1\r\n\r\n",
+        method=b"PUT", framing=LENGTH, length=1),
+    Req("expect-empty-elements", b"PUT / HTTP/1.1\r\n" + H + b"Expect: , ,\r\nContent-Length: 1\r\n\r\n",
+        method=b"PUT", framing=LENGTH, length=1),
+    Req("expect-100-with-empty-elements", b"PUT / HTTP/1.1\r\n" + H
+        + b"Expect: ,100-continue,\r\nExpect:\r\nContent-Length: 1\r\n\r\n",
+        method=b"PUT", framing=LENGTH, length=1, expect_continue=True),
+    Req("host-trailing-ows", b"GET / HTTP/1.1\r\nHost:example.com \t \r\n\r\n"),
+    Req("host-only-ows", b"GET / HTTP/1.1\r\nHost: \t \r\n\r\n", host=b""),
     Req("obs-text-value", b"GET / HTTP/1.1\r\n" + H + b"X-Name: caf\xc3\xa9 \x80\xff\r\n\r\n"),
     Req("empty-value", b"GET / HTTP/1.1\r\n" + H + b"X-Empty:\r\nX-Blank:   \r\n\r\n"),
     Req("value-with-colons", b"GET / HTTP/1.1\r\n" + H + b"X-Time: 12:34:56\r\n\r\n"),
@@ -263,6 +294,30 @@ INVALID_REQUESTS: List[BadReq] = [
     _bad("version-no-minor", b"GET / HTTP/1\r\n" + H + b"\r\n"),
     _bad("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n"),
     _bad("status-line-as-request", b"HTTP/1.1 200 OK\r\n" + H + b"\r\n"),
+    # Request targets in none of the forms of RFC 9112 §3.2 (HAProxy answers 400 too).
+    _bad("target-fragment", b"GET /item/7#frag HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-fragment-in-query", b"GET /a?b#c HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-fragment-only", b"GET /# HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-relative", b"GET rel/path HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-query-only", b"GET ?q=1 HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-dot-relative", b"GET ../admin HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-asterisk-not-options", b"GET * HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-asterisk-custom-method", b"M-SEARCH * HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-authority-not-connect", b"GET example.com:80 HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-absolute-ftp", b"GET ftp://example.com/x HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-absolute-no-slashes", b"GET http:/x HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-absolute-empty-host", b"GET http:///x HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-absolute-userinfo", b"GET http://user@evil.example/x HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-absolute-bad-host", b"GET http://ex<ample/x HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-absolute-fragment", b"GET http://example.com/x#y HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("target-absolute-no-host-field", b"GET http://example.com/x HTTP/1.1\r\n\r\n"),
+    _bad("target-connect-bad-authority", b"CONNECT a@b:443 HTTP/1.1\r\n" + H + b"\r\n"),
+    # A bare CR is not an empty line (RFC 9112 §2.2): before the request line it is rejected too.
+    _bad("bare-cr-before-request-line", b"\rGET / HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("cr-cr-lf-before-request-line", b"\r\r\nGET / HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("crlf-then-bare-cr", b"\r\n\rGET / HTTP/1.1\r\n" + H + b"\r\n"),
+    _bad("cr-cr-after-request-line", b"GET /x HTTP/1.0\r\r\n\r\n"),
+    _bad("ctl-in-final-empty-line", b"GET / HTTP/1.1\r\n" + H + b"\x01\r\n\r\n"),
     # Versions (RFC 9110 §15.6.6).
     _bad("http2", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     _bad("http3", b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),
@@ -272,7 +327,7 @@ INVALID_REQUESTS: List[BadReq] = [
     _bad("expect-unknown", _fields(b"Expect: the-unexpected"), 417),
     _bad("expect-extra", _fields(b"Expect: 100-continue, foo"), 417),
     _bad("expect-params", _fields(b"Expect: 100-continue; x=y"), 417),
-    _bad("expect-empty", _fields(b"Expect:"), 417),
+    _bad("expect-empty-and-other", _fields(b"Expect:", b"Expect: foo"), 417),
     # Limits.
     _bad("head-over-limit", b"GET / HTTP/1.1\r\n" + H + b"X-Big: " + b"b" * LIMIT + b"\r\n\r\n", 431),
     _bad("head-one-over-limit", _exact_size(LIMIT + 1), 431),
@@ -495,9 +550,9 @@ class HeadResult:
     held_after_none: List[int] = field(default_factory=list)
 
 
-def run_head_buffer(chunks: List[bytes], limit: int, how: str) -> HeadResult:
+def run_head_buffer(chunks: List[bytes], limit: int, how: str, kind: int = REQUEST) -> HeadResult:
     """Feed ``chunks`` to a fresh HeadBuffer with ``feed`` or ``split`` until a head comes out."""
-    hb = HeadBuffer(limit)
+    hb = HeadBuffer(limit, kind)
     res = HeadResult()
     for i, chunk in enumerate(chunks):
         try:
@@ -527,9 +582,9 @@ Parsed = Union[Tuple[str, Dict[str, object], bytes, bytes], Tuple[str, int], Tup
 
 def parse_stream(chunks: List[bytes], limit: int, how: str,
                  parse: Callable[[bytes], Union[RequestHead, ResponseHead]],
-                 summary: Callable[..., Dict[str, object]]) -> Parsed:
+                 summary: Callable[..., Dict[str, object]], kind: int = REQUEST) -> Parsed:
     """HeadBuffer then the parser: ("ok", summary, head, rest), ("error", status) or ("incomplete", held)."""
-    res = run_head_buffer(chunks, limit, how)
+    res = run_head_buffer(chunks, limit, how, kind)
     if res.error is not None:
         return ("error", res.error)
     if res.head is None:
@@ -544,9 +599,10 @@ def parse_stream(chunks: List[bytes], limit: int, how: str,
 def all_ways(data: bytes, trailing: bytes, limit: int,
              parse: Callable[[bytes], Union[RequestHead, ResponseHead]],
              summary: Callable[..., Dict[str, object]]) -> Iterator[Tuple[str, Parsed]]:
+    kind = RESPONSE if summary is response_summary else REQUEST
     for name, chunks in chunkings(data, trailing).items():
         for how in ("feed", "split"):
-            yield "%s/%s" % (name, how), parse_stream(chunks, limit, how, parse, summary)
+            yield "%s/%s" % (name, how), parse_stream(chunks, limit, how, parse, summary, kind)
 
 
 def parse_request(head: bytes) -> RequestHead:

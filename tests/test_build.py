@@ -131,6 +131,25 @@ def test_http10_without_host_gets_default_host():
     assert again.header(b"x-forwarded-host") is None
 
 
+@pytest.mark.parametrize("raw, target, host", [
+    (b"GET http://evil.example/admin HTTP/1.1\r\nHost: good.example\r\n\r\n", b"/admin", b"evil.example"),
+    (b"GET http://evil.example/admin HTTP/1.1\r\nHost: good.example\r\nConnection: host\r\n\r\n",
+     b"/admin", b"evil.example"),
+    (b"GET HTTP://A.example:81?q HTTP/1.1\r\nHost: b\r\n\r\n", b"/?q", b"A.example:81"),
+    (b"GET http://example.com:80/abs?q HTTP/1.0\r\n\r\n", b"/abs?q", b"example.com:80"),
+    (b"OPTIONS http://example.com HTTP/1.1\r\nHost: example.com\r\n\r\n", b"*", b"example.com"),
+])
+def test_absolute_form_goes_upstream_in_origin_form_with_its_authority_as_host(raw, target, host):
+    """RFC 9112 §3.2.2: the backend sees one host, the target's, never the received Host or an invented one."""
+    req, out, again = upstream(raw)
+    assert req.absolute and req.target == target and req.host == host
+    assert out.startswith(req.method + b" " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n")
+    assert again.lnames.count(b"host") == 1 and again.host == host and not again.absolute
+    assert again.target == target
+    assert again.header(b"x-forwarded-host") == host
+    assert b"good.example" not in out and DEFAULT_HOST not in out
+
+
 def test_http10_with_host_keeps_it_and_upgrades_version():
     req, out, again = upstream(b"POST /x HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n")
     assert out.startswith(b"POST /x HTTP/1.1\r\nHost: h\r\n")

@@ -72,7 +72,12 @@ def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, def
     drop = _REQUEST_DROP
     if req.connection_tokens:
         drop = drop.union(req.connection_tokens).difference(_REQUEST_KEEP)
+    if req.absolute:
+        # RFC 9112 §3.2.2: the target's authority replaces any Host field (the target goes in origin-form).
+        drop = drop.union((b"host",))
     out: List[bytes] = [b"%s %s HTTP/1.1\r\n" % (req.method, req.target)]
+    if req.absolute and host is not None:
+        out.append(b"Host: %s\r\n" % host)
     xff: List[bytes] = []
     via: List[bytes] = []
     seen_framing = False
@@ -99,6 +104,7 @@ def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, def
     if host is None:
         # An HTTP/1.0 request may lack Host; HTTP/1.1 upstream needs one (RFC 9112 §3.2).
         out.append(b"Host: %s\r\n" % default_host)
+
     if req.upgrade is not None:
         out.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade)
     xff.append(client_ip)

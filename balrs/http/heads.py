@@ -3,10 +3,19 @@
 Sans-IO: bytes in, objects out; nothing here owns a socket or a clock. Every malformed input raises
 :class:`ProtocolError` and nothing else.
 
-Parsing is built for the hot path (STYLE habits 3, 5): one split of the head into lines, C-level
-``bytes.translate`` passes for character validation, and a per-line loop that only does a
-``partition``. Header names and values are kept as received, so the proxy can forward a head
-unchanged when no hop-by-hop field needs removing (the common case) and rebuild it otherwise.
+Parsing is built for the hot path (STYLE habits 3, 5): one compiled regular expression, matched once over
+the lowercased head, validates the start line and every field line and captures, in the same C pass, the
+values of the fields a proxy acts on. Header names and values are kept as received, so the proxy can
+forward a head unchanged when no hop-by-hop field needs removing (the common case) and rebuild it
+otherwise.
+
+balrs runs one event loop for every connection, so a parse that is slow on some input stalls them all.
+Every regular expression here is therefore linear in its input *by construction*, never by luck: the
+alternatives of an alternation can never match the same text (a field line has exactly one branch that can
+take its name), and no repetition can split the same text two ways (each is followed by something it
+cannot match itself, e.g. ``[ \t]*`` before a value that must start with a non-blank). The engine then has
+at most one way to match any prefix, so a failing match backtracks over each byte a bounded number of
+times. ``tests/test_redos.py`` checks that with adversarial heads up to the size limits.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "NO_BODY", "LENGTH", "CHUNKED", "CLOSE_DELIMITED",
-    "HeadBuffer", "RequestHead", "ResponseHead",
+    "HeadBuffer", "RequestHead", "ResponseHead", "REQUEST", "RESPONSE",
     "parse_request_head", "parse_response_head",
     "IDEMPOTENT_METHODS", "TCHARS",
 ]
@@ -35,6 +44,8 @@ TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr
 # are rejected, which also rejects bare CR and bare LF line endings inside the head (RFC 9112 §2.2 lets
 # a recipient reject them; normalising them is how smuggling starts).
 _FIELD_OCTETS = bytes([0x09]) + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+# What may appear anywhere in a head: the field octets and the CR LF that end its lines.
+_HEAD_OCTETS = _FIELD_OCTETS + b"\r\n"
 _DIGITS = b"0123456789"
 _CRLF_OCTETS = b"\r\n"
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: uri-host [ ":" port ]; reg-name, IPv4 and IP-literal characters.
@@ -42,19 +53,40 @@ _HOST_OCTETS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-
 
 # RFC 9112 §3: request-line = method SP request-target SP HTTP-version CRLF. One SP each, nothing else;
 # the target is VCHAR only (h11's request_target), so no whitespace or control byte can hide in it.
+# Linear: the method's class excludes SP, the target's excludes SP, so each field ends at the one SP.
 _REQUEST_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
 # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]. Servers that omit the
-# SP after the code are common enough to tolerate.
+# SP after the code are common enough to tolerate. Linear: the reason's class excludes CR.
 _STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n")
+# One field line, as HeadBuffer checks the lines of a head still arriving (its octets are already known
+# to be field octets): a token, then the colon. Linear: tchar excludes ":".
+_FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:")
+
+# RFC 9112 §3.2.2: absolute-form = absolute-URI, here scheme "://" authority path-abempty [ "?" query ]
+# (RFC 3986 §3). Linear: the scheme's class excludes ":", the authority's excludes the "/" or "?" that
+# must start what follows it.
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][-+.0-9A-Za-z]*)://([^/?#]*)((?:[/?][^#]*)?)")
+_SCHEMES = frozenset([b"http", b"https"])
 
 # RFC 9110 §9.2.2.
 IDEMPOTENT_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
-# RFC 9112 §2.2: empty lines before a request-line are ignored; a C-level match finds where they end.
-_LEADING_EMPTY_LINES = re.compile(rb"[\r\n]*")
+# RFC 9112 §2.2: empty lines (CRLF, or a bare LF: §2.2 lets a recipient take LF for a line end) before a
+# request-line are ignored; a bare CR is not an empty line, and is rejected like a bare CR anywhere else.
+# Linear: each repetition ends at its LF.
+_LEADING_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
+# A CR not followed by LF, and an LF not preceded by CR (RFC 9112 §2.2): a head with either can never
+# become valid. Linear: each alternative is one octet and a one-octet assertion.
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 # A Content-Length needs at most 18 digits to stay below 2**63 (what nginx and HAProxy accept).
 _MAX_CONTENT_LENGTH_DIGITS = 18
+
+# Head kinds, for HeadBuffer: what a start line looks like, and what a malformed head is answered with
+# (a client's malformed request is 400; a backend's malformed response is 502 for the client).
+REQUEST = 0
+RESPONSE = 1
 
 
 class HeadBuffer:
@@ -64,14 +96,25 @@ class HeadBuffer:
     time costs O(n). A head ends at its first empty line; a bare-LF empty line also ends it, so that
     such a head is rejected at once rather than waited on. ``limit`` bounds the head (``max_header_bytes``):
     past it :meth:`pop_head` raises 431, or 414 while the request line itself is still unfinished.
+
+    While a head is incomplete, what has arrived is checked as it arrives (each byte once): a byte that
+    can never be in a head, a bare CR or LF, a malformed start line or a field line that is not
+    ``token ":" ...`` raise ProtocolError at once (400, or 505 for an unsupported HTTP version; 502 for a
+    ``RESPONSE`` head), as HAProxy does, instead of holding the connection until ``header_timeout``. A
+    head that arrives whole skips this: the parser validates it anyway.
     """
 
-    __slots__ = ("buf", "_scanned", "limit")
+    __slots__ = ("buf", "_scanned", "limit", "kind", "_checked", "_line")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, kind: int = REQUEST) -> None:
         self.buf = bytearray()
         self._scanned = 0
         self.limit = limit
+        self.kind = kind
+        # Early checks of an incomplete head: bytes before _checked passed the octet checks; _line is
+        # where the first line not yet checked whole starts (0: the start line is still to check).
+        self._checked = 0
+        self._line = 0
 
     def __len__(self) -> int:
         return len(self.buf)
@@ -101,8 +144,9 @@ class HeadBuffer:
             # copies the whole buffer, pipelined requests included, once per head.)
             m = _LEADING_EMPTY_LINES.match(buf)
             assert m is not None  # the pattern matches the empty string
-            del buf[:m.end()]
-            self._scanned = 0
+            if m.end():
+                del buf[:m.end()]
+                self._scanned = self._checked = self._line = 0
             if not buf:
                 return None
         start = self._scanned
@@ -110,8 +154,11 @@ class HeadBuffer:
         if end < 3:
             end = buf.find(b"\n\n", start) + 2
             if end < 2:
-                if len(buf) > self.limit:
+                limit = self.limit
+                if len(buf) > limit:
+                    self._check(limit)
                     raise self._too_large()
+                self._check(len(buf))
                 self._scanned = max(0, len(buf) - 2)
                 return None
         if end > self.limit:
@@ -120,10 +167,11 @@ class HeadBuffer:
             # segmentation.
             end = buf.find(b"\n\n", start, end) + 2
             if end < 2 or end > self.limit:
+                self._check(self.limit)
                 raise self._too_large()
         head = bytes(buf[:end])
         del buf[:end]
-        self._scanned = 0
+        self._scanned = self._checked = self._line = 0
         return head
 
     def split(self, data: bytes) -> Optional["tuple[bytes, bytes]"]:
@@ -143,8 +191,51 @@ class HeadBuffer:
         """Remove and return everything buffered (body bytes or tunnel bytes after a head)."""
         data = bytes(self.buf)
         self.buf.clear()
-        self._scanned = 0
+        self._scanned = self._checked = self._line = 0
         return data
+
+    def _check(self, upto: int) -> None:
+        """Raise if the first ``upto`` bytes of the (incomplete) head can never begin a valid head.
+
+        Each byte is looked at a bounded number of times over all calls: octets and line ends from
+        ``_checked`` on, each completed line once. The start line is judged as soon as it is complete:
+        a valid one with an unsupported version is 505 whatever follows, as for a complete head.
+        """
+        buf = self.buf
+        pos = self._checked
+        stop = upto
+        if stop == len(buf) and stop and buf[stop - 1] == 13:
+            stop -= 1  # a CR at the very end may still be followed by its LF
+        if stop <= pos:
+            return
+        line = self._line
+        if line == 0:
+            nl = buf.find(b"\n", pos, stop)
+            if nl >= 0:
+                problem = _start_line_problem(bytes(buf[:nl + 1]), self.kind)
+                if problem is not None:
+                    raise problem
+                line = nl + 1
+        status = 502 if self.kind == RESPONSE else 400
+        if buf[pos:stop].translate(None, _HEAD_OCTETS):
+            raise ProtocolError(status, "control character in the head")
+        m = _BARE_CR.search(buf, pos, min(stop + 1, len(buf)))
+        if m is not None and m.start() < stop:
+            raise ProtocolError(status, "bare CR in the head")
+        if _BARE_LF.search(buf, pos, stop) is not None:
+            raise ProtocolError(status, "bare LF in the head")
+        if line:
+            # Field lines completed by the new bytes: each must be token ":" (obs-fold, whitespace
+            # before the colon and lines without one can never become valid).
+            find = buf.find
+            nl = find(b"\n", max(pos, line), stop)
+            while nl >= 0:
+                if _FIELD_NAME.match(buf, line, nl) is None:
+                    raise ProtocolError(status, "invalid field line (obs-fold, no colon or non-token name)")
+                line = nl + 1
+                nl = find(b"\n", line, stop)
+        self._line = line
+        self._checked = stop
 
     def _too_large(self) -> ProtocolError:
         limit = self.limit
@@ -154,33 +245,85 @@ class HeadBuffer:
         return ProtocolError(431, "message head longer than %d bytes" % limit)
 
 
+# ---- the one-pass patterns --------------------------------------------------------------------------
 # RFC 9110 §5 / RFC 9112 §5: field-line = field-name ":" OWS field-value OWS CRLF, with a token name and
-# field octets only. One fullmatch validates a whole field block in C: it rejects control characters,
-# bare CR or LF, obs-fold (a line starting with SP/HTAB), whitespace before the colon and empty names.
-_FIELD_BLOCK = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
-# The same validation over the lowercased head, capturing on the way the values of the fields a proxy
-# acts on (a repeated group keeps its last capture; repeats are counted separately, only when present).
-_V = rb"[\t\x20-\x7e\x80-\xff]*"
-_T = rb"[-!#$%&'*+.^_`|~0-9a-z]+"
-_REQUEST_FIELD_BLOCK = re.compile(
-    rb"(?:(?:host:[ \t]*(" + _V + rb")|content-length:[ \t]*(" + _V + rb")|transfer-encoding:[ \t]*(" + _V
-    + rb")|connection:[ \t]*(" + _V + rb")|upgrade:[ \t]*(" + _V + rb")|expect:[ \t]*(" + _V
-    + rb")|(keep-alive|proxy-connection|te|trailer|x-forwarded-for|x-forwarded-proto|x-forwarded-host|via):"
-    + _V + rb"|" + _T + rb":" + _V + rb")\r\n)*")
-_RESPONSE_FIELD_BLOCK = re.compile(
-    rb"(?:(?:content-length:[ \t]*(" + _V + rb")|transfer-encoding:[ \t]*(" + _V + rb")|connection:[ \t]*("
-    + _V + rb")|(keep-alive|proxy-connection|te|trailer|upgrade):" + _V + rb"|" + _T + rb":" + _V
-    + rb")\r\n)*")
+# field octets only. One fullmatch validates a whole head in C: it rejects control characters, bare CR
+# or LF, obs-fold (a line starting with SP/HTAB), whitespace before the colon and empty names, and
+# captures on the way the values of the fields a proxy acts on (a repeated group keeps its last capture;
+# repeats are counted separately, only when present). The head is lowercased first.
+#
+# Why the patterns are linear (see the module docstring):
+# - A field line has exactly one branch that can take it. The branches start with distinct octets: one
+#   per first letter of the names of interest, and one for every other token octet (the engine skips a
+#   branch whose first octet does not match without entering it, which is also what makes this layout
+#   fast). Inside a letter's branch, the named fields are distinct names each followed by ":", and the
+#   generic line refuses, by a negative lookahead, exactly those names with their colon. (Before, "via:"
+#   matched both its own branch and the generic one: 2**N ways to fail on N such lines.)
+# - Within a line every repetition is followed by what it cannot match: a token by ":", a value by CR,
+#   and the OWS before a captured value by a lookahead that the value does not start with a blank (before,
+#   "[ \t]*(value)" could split a run of blanks in any of N places: quadratic).
+# - A line always ends in CRLF and the next starts with a token octet or the final CRLF, so the outer
+#   repetition can only split the head at its line ends.
+_V = rb"[\t\x20-\x7e\x80-\xff]*"              # field-value octets, OWS included (never CR or LF)
+_TOKEN_OCTETS = b"-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"   # lowercased tchar
+# A captured value: the OWS before it is outside the group, which starts at a non-blank octet (or is
+# empty at the CR), so there is one way to split them. Trailing OWS stays in the capture (stripped later).
+_CAPTURED = rb"[ \t]*(?![ \t])(" + _V + rb")"
+# Host is captured already validated (RFC 3986 §3.2.2 octets, lowercased), with OWS on either side.
+_HOST_VALUE = rb"[ \t]*(?![ \t])([-a-z0-9._~%!$&'()*+,;=:\[\]]*)[ \t]*"
 
+
+def _field_block(named: "List[tuple[bytes, bytes]]", flagged: List[bytes]) -> "tuple[bytes, List[bytes]]":
+    """A pattern for a block of field lines that captures the value of each ``named`` field (name, value
+    pattern with one group) and marks with a group (capturing its colon) each first letter of the
+    ``flagged`` names that occurs. Returns the pattern and what each of its groups is, in order: a name,
+    or b"" for a flag."""
+    by_letter: "dict[int, tuple[List[tuple[bytes, bytes]], List[bytes]]]" = {}
+    for name, value in named:
+        by_letter.setdefault(name[0], ([], []))[0].append((name, value))
+    for name in flagged:
+        by_letter.setdefault(name[0], ([], []))[1].append(name)
+    others = bytes(c for c in _TOKEN_OCTETS if c not in by_letter)
+    branches = [b"[" + re.escape(others) + b"][" + re.escape(_TOKEN_OCTETS) + b"]*:" + _V]
+    groups: List[bytes] = []
+    for letter, (names, flags) in by_letter.items():
+        alternatives = []
+        for name, value in names:
+            alternatives.append(re.escape(name[1:]) + b":" + value)
+            groups.append(name)
+        if flags:
+            alternatives.append(b"(?:" + b"|".join(re.escape(n[1:]) for n in flags) + b")(:)" + _V)
+            groups.append(b"")
+        taken = b"|".join(re.escape(n[1:]) for n in [n for n, _v in names] + flags)
+        alternatives.append(b"(?!(?:" + taken + b"):)[" + re.escape(_TOKEN_OCTETS) + b"]*:" + _V)
+        branches.append(re.escape(bytes([letter])) + b"(?:" + b"|".join(alternatives) + b")")
+    return b"(?:(?:" + b"|".join(branches) + b")\r\n)*", groups
+
+
+# Requests: the framing and connection fields; hop-by-hop fields and X-Forwarded-*/Via are only flagged
+# (their presence makes the head be rebuilt). Most frequent first: low group numbers cost least.
+_REQUEST_FIELD_BLOCK, _REQUEST_GROUPS = _field_block(
+    [(b"host", _HOST_VALUE), (b"content-length", _CAPTURED), (b"connection", _CAPTURED),
+     (b"transfer-encoding", _CAPTURED), (b"upgrade", _CAPTURED), (b"expect", _CAPTURED)],
+    [b"keep-alive", b"proxy-connection", b"te", b"trailer", b"x-forwarded-for", b"x-forwarded-proto",
+     b"x-forwarded-host", b"via"])
+_RESPONSE_FIELD_BLOCK, _RESPONSE_GROUPS = _field_block(
+    [(b"content-length", _CAPTURED), (b"connection", _CAPTURED), (b"transfer-encoding", _CAPTURED)],
+    [b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"])
+# What f.groups() holds after the start line's groups, in order: the parsers unpack it so (a flag is b"":
+# the first letter "t", "k", "p", "x", "v" or "u" of a flagged field).
+assert _REQUEST_GROUPS == [b"host", b"content-length", b"connection", b"transfer-encoding", b"", b"upgrade",
+                           b"expect", b"", b"", b"", b""], _REQUEST_GROUPS
+assert _RESPONSE_GROUPS == [b"content-length", b"connection", b"transfer-encoding", b"", b"", b"", b""]
 
 # Whole heads, start line included, matched over the lowercased head in one C pass (the start line's
-# case-sensitive parts are checked or taken from the original bytes by position).
+# case-sensitive parts are checked or taken from the original bytes by position). The request target is
+# VCHAR without "#": a fragment is in none of the forms of RFC 9112 §3.2.
 _REQUEST_HEAD = re.compile(
-    rb"[-!#$%&'*+.^_`|~0-9a-z]+ [\x21-\x7e]+ http/([0-9])\.([0-9])\r\n" + _REQUEST_FIELD_BLOCK.pattern
+    rb"[-!#$%&'*+.^_`|~0-9a-z]+ [\x21\x22\x24-\x7e]+ http/([0-9])\.([0-9])\r\n" + _REQUEST_FIELD_BLOCK
     + rb"\r\n")
 _RESPONSE_HEAD = re.compile(
-    rb"http/([0-9])\.([0-9]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?\r\n" + _RESPONSE_FIELD_BLOCK.pattern
-    + rb"\r\n")
+    rb"http/([0-9])\.([0-9]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?\r\n" + _RESPONSE_FIELD_BLOCK + rb"\r\n")
 
 
 def _all_values(r: "_Fields", lname: bytes) -> List[bytes]:
@@ -188,25 +331,77 @@ def _all_values(r: "_Fields", lname: bytes) -> List[bytes]:
     return [v for n, v in zip(r.lnames, r.values) if n == lname]
 
 
-def _request_problem(head: bytes) -> ProtocolError:
-    """The error for a request head that failed the one-pass match (error path only)."""
-    m = _REQUEST_LINE.match(head)
+def _start_line_problem(line: bytes, kind: int) -> Optional[ProtocolError]:
+    """The error for a malformed start line (through its LF), or None if it is well formed."""
+    if kind == RESPONSE:
+        m = _STATUS_LINE.fullmatch(line)
+        if m is None:
+            return ProtocolError(502, "malformed status line")
+        if m.group(1) != b"1":
+            return ProtocolError(502, "backend answered in HTTP version %s" % m.group(1).decode())
+        return None
+    m = _REQUEST_LINE.fullmatch(line)
     if m is None:
         return ProtocolError(400, "malformed request line")
     major, minor = m.group(3), m.group(4)
     if major != b"1":
+        # RFC 9110 §15.6.6; HTTP/2 prior knowledge ("PRI * HTTP/2.0") lands here too.
         return ProtocolError(505, "HTTP version %s.%s not supported" % (major.decode(), minor.decode()))
-    return ProtocolError(400, _field_problem(head, m.end()))
+    problem = _target_problem(m.group(1), m.group(2))
+    if problem is not None:
+        return ProtocolError(400, problem)
+    return None
+
+
+def _target_problem(method: bytes, target: bytes) -> Optional[str]:
+    """Why a request target is in none of the forms RFC 9112 §3.2 allows this request, or None.
+
+    origin-form ("/path?query"), absolute-form ("http://host/path", the scheme http or https), the
+    authority-form ("host:port") for CONNECT only and the asterisk-form ("*") for OPTIONS only. A
+    fragment, a relative path or anything else is refused: a backend could read it differently from
+    balrs' routing and hashing.
+    """
+    if target.find(b"#") >= 0:
+        return "fragment in the request target"
+    if target[0] == 47:  # "/"
+        return None
+    if target == b"*":
+        return None if method == b"OPTIONS" else "asterisk-form target with a method other than OPTIONS"
+    m = _ABSOLUTE_FORM.fullmatch(target)
+    if m is not None:
+        if m.group(1).lower() not in _SCHEMES:
+            return "absolute-form target with a scheme other than http or https"
+        return _authority_problem(m.group(2))
+    if method == b"CONNECT":
+        return _authority_problem(target)
+    return "request target in none of the forms of RFC 9112 section 3.2"
+
+
+def _authority_problem(authority: bytes) -> Optional[str]:
+    """RFC 9110 §4.2.1: a non-empty host, no userinfo (§4.2.4: treat it as an error), host characters."""
+    if not authority:
+        return "empty host in the request target"
+    if authority.translate(None, _HOST_OCTETS):
+        return "invalid authority in the request target"
+    return None
+
+
+def _request_problem(head: bytes) -> ProtocolError:
+    """The error for a request head that failed the one-pass match (error path only)."""
+    nl = head.find(b"\n") + 1
+    problem = _start_line_problem(head[:nl], REQUEST) if nl else ProtocolError(400, "malformed request line")
+    if problem is not None:
+        return problem
+    return ProtocolError(400, _field_problem(head, nl))
 
 
 def _response_problem(head: bytes) -> ProtocolError:
     """The error for a response head that failed the one-pass match (error path only)."""
-    m = _STATUS_LINE.match(head)
-    if m is None:
-        return ProtocolError(502, "malformed status line")
-    if m.group(1) != b"1":
-        return ProtocolError(502, "backend answered in HTTP version %s" % m.group(1).decode())
-    return ProtocolError(502, _field_problem(head, m.end()))
+    nl = head.find(b"\n") + 1
+    problem = _start_line_problem(head[:nl], RESPONSE) if nl else ProtocolError(502, "malformed status line")
+    if problem is not None:
+        return problem
+    return ProtocolError(502, _field_problem(head, nl))
 
 
 def _field_problem(head: bytes, start: int) -> str:
@@ -216,11 +411,13 @@ def _field_problem(head: bytes, start: int) -> str:
     for line in head[start:-4].split(b"\r\n"):
         if line.translate(None, _FIELD_OCTETS):
             return "control character or bare CR/LF in the head"
-        name, colon, _value = line.partition(b":")
+        name, colon, value = line.partition(b":")
         if not colon:
             return "field line without a colon"
         if not name or name.translate(None, TCHARS):
             return "invalid field name (whitespace before colon, obs-fold or non-token)"
+        if name.lower() == b"host" and value.strip(b" \t").translate(None, _HOST_OCTETS):
+            return "invalid Host value"
     return "malformed field block"
 
 
@@ -316,10 +513,12 @@ def _framing_length(values: List[bytes], status: int) -> "tuple[int, bool]":
 class RequestHead(_Fields):
     """A parsed request head. ``names``/``values``/``lnames`` give the fields in order, as received
     (``lnames`` lowercased). ``rewrite`` is False when the head can be forwarded as is, apart from the
-    fields the proxy appends (no hop-by-hop field, no X-Forwarded-*/Via to merge, HTTP/1.1)."""
+    fields the proxy appends (no hop-by-hop field, no X-Forwarded-*/Via to merge, HTTP/1.1).
+    ``absolute``: the target came in absolute-form; ``target`` is then its origin-form and ``host`` its
+    authority, which replaces any Host field (RFC 9112 §3.2.2)."""
 
     __slots__ = (
-        "method", "target", "minor", "host", "framing", "length",
+        "method", "target", "minor", "host", "absolute", "framing", "length",
         "keep_alive", "expect_continue", "upgrade", "rewrite", "connection_tokens",
     )
 
@@ -330,6 +529,7 @@ class RequestHead(_Fields):
     fields_start: int
     _fields: Optional["tuple[List[bytes], List[bytes], List[bytes]]"]
     host: Optional[bytes]
+    absolute: bool
     framing: int
     length: int
     keep_alive: bool
@@ -354,7 +554,8 @@ def parse_request_head(head: bytes) -> RequestHead:
     f = _REQUEST_HEAD.fullmatch(low)
     if f is None:
         raise _request_problem(head)
-    major, minor_b, host_v, cl_v, te_v, conn_v, upgrade_v, expect_v, hop = f.groups()
+    (major, minor_b, host_v, cl_v, conn_v, te_v, flag_t, upgrade_v, expect_v, flag_k, flag_p, flag_x,
+     flag_v) = f.groups()
     # The request line: method and target as received (both case-sensitive), "HTTP/" in capitals.
     sp2 = f.start(1) - 6
     sp1 = head.find(b" ")
@@ -374,6 +575,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     r.fields_start = f.end(2) + 2
     r._fields = None
     r.host = None
+    r.absolute = False
     r.framing = NO_BODY
     r.length = 0
     r.keep_alive = minor == 1
@@ -381,7 +583,8 @@ def parse_request_head(head: bytes) -> RequestHead:
     r.upgrade = None
     # Forwarded as HTTP/1.1: a 1.0 (or 1.2, ...) request line is rewritten; hop-by-hop fields,
     # X-Forwarded-* and Via make the head be rebuilt.
-    r.rewrite = minor_b != b"1" or hop is not None
+    r.rewrite = (minor_b != b"1" or flag_t is not None or flag_k is not None or flag_p is not None
+                 or flag_x is not None or flag_v is not None)
     r.connection_tokens = []
     count = low.count
 
@@ -390,15 +593,20 @@ def parse_request_head(head: bytes) -> RequestHead:
     upgrade_values: List[bytes] = []
     expect_values: List[bytes] = []
     conn_values: List[bytes] = []
-    hosts = 0
     if host_v is not None:
-        hosts = count(b"\nhost:")
+        # RFC 9112 §3.2: exactly one Host (its value was validated by the match).
+        if count(b"\nhost:") > 1:
+            raise ProtocolError(400, "more than one Host field")
         a, b = f.span(3)
-        r.host = head[a:b].rstrip(b" \t")
+        r.host = head[a:b]
+    elif minor == 1:
+        raise ProtocolError(400, "HTTP/1.1 request without Host")
+    if r.target[0] != 47:  # not origin-form ("/...")
+        _other_target_form(r)
     if cl_v is not None:
         cl_values = [cl_v.rstrip(b" \t")] if count(b"\ncontent-length:") == 1 else _all_values(r, b"content-length")
     if te_v is not None:
-        a, b = f.span(5)  # original case: "Chunked" is forwarded rewritten
+        a, b = f.span(6)  # original case: "Chunked" is forwarded rewritten
         te_values = ([head[a:b].rstrip(b" \t")] if count(b"\ntransfer-encoding:") == 1
                      else _all_values(r, b"transfer-encoding"))
     if conn_v is not None:
@@ -406,20 +614,11 @@ def parse_request_head(head: bytes) -> RequestHead:
         conn_values = [conn_v] if count(b"\nconnection:") == 1 else _all_values(r, b"connection")
     if upgrade_v is not None:
         r.rewrite = True
-        a, b = f.span(7)
+        a, b = f.span(8)
         upgrade_values = ([head[a:b].rstrip(b" \t")] if count(b"\nupgrade:") == 1
                           else _all_values(r, b"upgrade"))
     if expect_v is not None:
         expect_values = [expect_v] if count(b"\nexpect:") == 1 else _all_values(r, b"expect")
-
-    # RFC 9112 §3.2: exactly one Host in HTTP/1.1, with a valid value.
-    if hosts > 1:
-        raise ProtocolError(400, "more than one Host field")
-    if r.host is None:
-        if minor == 1:
-            raise ProtocolError(400, "HTTP/1.1 request without Host")
-    elif r.host.translate(None, _HOST_OCTETS):
-        raise ProtocolError(400, "invalid Host value")
 
     if conn_values:
         tokens = _comma_list(conn_values)
@@ -455,17 +654,40 @@ def parse_request_head(head: bytes) -> RequestHead:
             r.rewrite = True
 
     if expect_values:
+        # RFC 9110 §5.6.1: empty list elements are ignored, so "Expect:" (or ", ,") expects nothing.
         expectations = _comma_list(expect_values)
-        if expectations != [b"100-continue"]:
+        if any(e != b"100-continue" for e in expectations):
             # RFC 9110 §10.1.1: 417 for an expectation we cannot meet.
             raise ProtocolError(417, "unsupported expectation")
         # RFC 9110 §10.1.1: a 100-continue received in HTTP/1.0 is ignored.
-        r.expect_continue = minor == 1
+        r.expect_continue = minor == 1 and bool(expectations)
 
     if upgrade_values and minor == 1 and b"upgrade" in r.connection_tokens:
         # RFC 9110 §7.8: Upgrade only counts when Connection names it, and never in HTTP/1.0.
         r.upgrade = b", ".join(upgrade_values)
     return r
+
+
+def _other_target_form(r: RequestHead) -> None:
+    """A target that is not origin-form (RFC 9112 §3.2): check its form; an absolute-form target is
+    forwarded in origin-form, with its authority as the Host (§3.2.2: a proxy "MUST ignore the received
+    Host header field (if any) and instead replace it with the host information of the request-target"),
+    so that routing, hashing and the backend all see one host and one path."""
+    target = r.target
+    problem = _target_problem(r.method, target)
+    if problem is not None:
+        raise ProtocolError(400, problem)
+    m = _ABSOLUTE_FORM.fullmatch(target)
+    if m is None:
+        return  # "*" for OPTIONS, or "host:port" for CONNECT
+    rest = m.group(3)
+    if not rest[:1] == b"/":
+        # RFC 9110 §4.2.3: an empty path is "/"; RFC 9112 §3.2.4: for OPTIONS, "*".
+        rest = b"*" if not rest and r.method == b"OPTIONS" else b"/" + rest
+    r.target = rest
+    r.host = m.group(2)
+    r.absolute = True
+    r.rewrite = True
 
 
 class ResponseHead(_Fields):
@@ -505,7 +727,7 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
     f = _RESPONSE_HEAD.fullmatch(low)
     if f is None or head[:5] != b"HTTP/":
         raise _response_problem(head)
-    major, minor_b, status_b, cl_v, te_v, conn_v, hop = f.groups()
+    major, minor_b, status_b, cl_v, conn_v, te_v, flag_t, flag_k, flag_p, flag_u = f.groups()
     if major != b"1":
         raise ProtocolError(502, "backend answered in HTTP version %s" % major.decode())
     status = int(status_b)
@@ -523,7 +745,8 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
     r.length = 0
     r.keep_alive = minor == 1
     # The status line goes out as HTTP/1.1; hop-by-hop fields are removed.
-    r.rewrite = minor_b != b"1" or hop is not None
+    r.rewrite = (minor_b != b"1" or flag_t is not None or flag_k is not None or flag_p is not None
+                 or flag_u is not None)
     r.connection_tokens = []
     r.has_connection = False
     # RFC 9112 §6.3 step 3: never forward both Transfer-Encoding and Content-Length, whatever the
