@@ -148,9 +148,9 @@ def test_odd_lines_and_start_lines():
         _assert_linear(parse_response_head, _odd_lines(start))
 
     def request_lines() -> Iterator[bytes]:
-        for target in (b"/" * LIMIT, b"/a " * (LIMIT // 3), b"http://" + b"a" * LIMIT, b"http://a" + b"/" * LIMIT + b"#",
-                       b"*" * LIMIT, b"%" * LIMIT, b"h" * LIMIT + b"://", b"http:" + b"/" * LIMIT, b"#" * LIMIT,
-                       b"http://" + b"@" * LIMIT + b"/"):
+        for target in (b"/" * LIMIT, b"/a " * (LIMIT // 3), b"http://" + b"a" * LIMIT,
+                       b"http://a" + b"/" * LIMIT + b"#", b"*" * LIMIT, b"%" * LIMIT, b"h" * LIMIT + b"://",
+                       b"http:" + b"/" * LIMIT, b"#" * LIMIT, b"http://" + b"@" * LIMIT + b"/"):
             for rest in (b" HTTP/1.1\r\nHost: a\r\n\r\n", b"HTTP/1.1\r\nHost: a\r\n\r\n", b" HTTP/1.1 \r\n\r\n"):
                 yield b"GET " + target + rest
         yield b"G" * LIMIT + b" / HTTP/1.1\r\n\r\n"
