@@ -39,7 +39,7 @@ __all__ = [
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATUS_CONTENT_TYPE = "application/json"
 
-# Status classes of balrs_backend_responses_total, indexed like Backend.responses (1..5).
+# Status classes of balrs_backend_responses_total (Backend.responses 1..5; 6..9 are counted as 5xx).
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _STATES = ("up", "down", "drain")
 
@@ -139,7 +139,7 @@ def _backend_snapshot(b: Backend) -> Dict[str, Any]:
         "effective_weight": b.eff_weight,
         "max_connections": b.max_connections,
         "response_time": b.ewma if b.ewma >= 0.0 else None,   # seconds, None until measured
-        "responses": list(b.responses[1:6]),                  # 1xx..5xx
+        "responses": _classes(b.responses),                   # 1xx..5xx
         "latency": list(b.latency),                           # histogram counts per bucket, last = +Inf
         "latency_sum": b.latency_sum,
         "transitions": b.transitions,
@@ -148,6 +148,13 @@ def _backend_snapshot(b: Backend) -> Dict[str, Any]:
         "consecutive_errors": b.consecutive_errors,
         "last_check_ok": bool(b.last_check_ok),
     }
+
+
+def _classes(responses: Sequence[int]) -> List[int]:
+    """1xx..5xx from Backend.responses: the invalid codes 600..999 count as 5xx (RFC 9110 §15)."""
+    out = list(responses[1:6])
+    out[4] += sum(responses[6:])
+    return out
 
 
 def merge(snapshots: Sequence[Snapshot], pid: int, start_time: Optional[float], workers: int,

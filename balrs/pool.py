@@ -92,7 +92,11 @@ class Backend:
         self.active = 0          # requests in flight on this backend
         self.requests = 0        # requests sent to it, ever
         self.failures = 0        # connect failures, broken or timed-out responses
-        self.responses = [0, 0, 0, 0, 0, 0]   # by status class: index 1..5 = 1xx..5xx
+        # By status // 100: index 1..5 = 1xx..5xx; 6..9 count the codes 600..999 that RFC 9110 §15 calls
+        # invalid but a proxy forwards (HAProxy does), reported as 5xx (§15: a client "SHOULD process the
+        # response as if it had a 5xx status code"). A status is always 100..999 (three digits, checked
+        # by the parser), so the index is always in range.
+        self.responses = [0] * 10
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # histogram counts, last = +Inf
         self.latency_sum = 0.0
         # Health (active checks) and passive outlier detection.
