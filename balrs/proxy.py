@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 from collections import deque
 from itertools import islice
@@ -107,6 +108,7 @@ F_CONNECT_TIMEOUT = 2   # connect_timeout expired: retried on another backend
 F_STALE = 3             # a reused pooled connection was closed before any response byte
 F_BROKEN = 4            # the backend closed, reset or sent garbage before a complete head
 F_TIMEOUT = 5           # backend_timeout expired
+F_INTERNAL = 6          # a bug in balrs on this exchange (an exception in a callback): 500, not the backend's fault
 
 Chunk = Union[bytes, memoryview]
 
@@ -349,11 +351,34 @@ class ClientConn(_Stream):
 
     # ---- events --------------------------------------------------------------------------------
     def _on_io(self, mask: int) -> None:
-        if mask & EVENT_WRITE and self.out:
-            if not self._flush():
-                return
-        if mask & EVENT_READ and self.events & EVENT_READ:
-            self._on_readable()
+        try:
+            if mask & EVENT_WRITE and self.out:
+                if not self._flush():
+                    return
+            if mask & EVENT_READ and self.events & EVENT_READ:
+                self._on_readable()
+        except Exception:
+            self.internal_error()
+
+    def internal_error(self) -> None:
+        """A bug in balrs surfaced as an exception in this connection's callback: it must cost this
+        exchange, never the loop or a hung client (asyncio's transports call _fatal_error the same way).
+        Answer 500 if no response byte was sent yet, then close; otherwise close at once."""
+        log.exception("internal error on the connection from %s", self.client_ip)
+        try:
+            up = self.upstream
+            if up is not None:
+                self.upstream = None
+                up.close()
+            if not self.resp_started and C_HEAD <= self.state <= C_WAIT and not self.broken:
+                self._write_error(500)
+            else:
+                self.abort()
+        except Exception:
+            log.exception("internal error while closing the connection from %s", self.client_ip)
+            self.state = C_CLOSED
+            self._close_socket()
+            self.srv.client_closed(self)
 
     def _on_readable(self) -> None:
         try:
@@ -493,13 +518,10 @@ class ClientConn(_Stream):
         assert req is not None
         self.req_bytes = data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
         # An idle pooled connection (most recently used first), or a new one.
-        idle = backend.idle
-        while idle:
-            up, _ = idle.popitem()
-            if up.state == U_IDLE:
-                self.upstream = up
-                up.send_request(self, data)
-                break
+        up = _take_idle(backend)
+        if up is not None:
+            self.upstream = up
+            up.send_request(self, data)
         else:
             self._send_to(backend, data, len(data), True)
         if self.state == C_BODY and self.inbuf.buf:
@@ -541,16 +563,11 @@ class ClientConn(_Stream):
         """Hand the request (its bytes so far) to a connection to ``backend``: a new one if ``fresh``,
         else an idle pooled one if there is one."""
         if not fresh:
-            idle = backend.idle
-            while idle:
-                up, _ = idle.popitem()
-                if up.state == U_IDLE:
-                    self.upstream = up
-                    if isinstance(pending, bytes):
-                        up.send_request(self, pending)
-                    else:
-                        up.send_request(self, b"".join(pending))
-                    return
+            idle_up = _take_idle(backend)
+            if idle_up is not None:
+                self.upstream = idle_up
+                idle_up.send_request(self, pending if isinstance(pending, bytes) else b"".join(pending))
+                return
         try:
             up = UpstreamConn(self.srv, backend)
         except OSError as exc:
@@ -732,6 +749,8 @@ class ClientConn(_Stream):
             self._send_to(backend, self.req_bytes, len(self.req_bytes), True)
         elif why == F_TIMEOUT:
             self._reply_error(504)
+        elif why == F_INTERNAL:
+            self._reply_error(500)
         else:
             self._reply_error(502)
 
@@ -825,6 +844,12 @@ class ClientConn(_Stream):
     # ---- timers --------------------------------------------------------------------------------
     def _on_timer(self) -> None:
         self.timer = None
+        try:
+            self._timer_fired()
+        except Exception:
+            self.internal_error()
+
+    def _timer_fired(self) -> None:
         srv = self.srv
         now = self.reactor.now
         state = self.state
@@ -984,6 +1009,22 @@ class ClientConn(_Stream):
         self.srv.client_closed(self)
 
 
+def _take_idle(backend: Backend) -> Optional[UpstreamConn]:
+    """An idle pooled connection to ``backend`` (most recently used first) that is safe to reuse, or
+    None. One that holds unread bytes (a backend that sent more than its response said) or that the
+    backend closed is closed instead: the next request on it would be answered with those bytes."""
+    idle = backend.idle
+    while idle:
+        up, _ = idle.popitem()
+        if up.state == U_IDLE:
+            if up.clean():
+                return up
+            log.debug("backend %s: idle connection not reused: unread bytes or closed by the backend",
+                      backend.name)
+            up.close()
+    return None
+
+
 class UpstreamConn(_Stream):
     """One connection to a backend: sends a request, relays the response, then goes back to its
     backend's idle pool (or closes)."""
@@ -991,7 +1032,7 @@ class UpstreamConn(_Stream):
     __slots__ = (
         "backend", "client", "hbuf", "framing", "out_framing", "body_left", "decoder", "keep", "reused",
         "got_bytes", "last_active", "connect_start", "head_request", "idle_since", "reading", "peer_eof",
-        "connect_error", "sent_at",
+        "connect_error", "sent_at", "read_full", "peek_poll",
     )
 
     def __init__(self, srv: Balancer, backend: Backend) -> None:
@@ -1022,6 +1063,8 @@ class UpstreamConn(_Stream):
         self.peer_eof = False
         self.connect_error = 0
         self.sent_at = now
+        self.read_full = False   # the last recv() filled its buffer: more bytes may be waiting
+        self.peek_poll: Optional[select.poll] = None  # made when first pooled (see clean())
         self.state = U_CONNECTING
         err = sock.connect_ex(backend.sockaddr)
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
@@ -1101,14 +1144,32 @@ class UpstreamConn(_Stream):
 
     # ---- events --------------------------------------------------------------------------------
     def _on_io(self, mask: int) -> None:
-        if self.state == U_CONNECTING:
-            self._on_connect_event()
-            return
-        if mask & EVENT_WRITE and self.out:
-            if not self._flush():
+        try:
+            if self.state == U_CONNECTING:
+                self._on_connect_event()
                 return
-        if mask & EVENT_READ and self.events & EVENT_READ:
-            self._on_readable()
+            if mask & EVENT_WRITE and self.out:
+                if not self._flush():
+                    return
+            if mask & EVENT_READ and self.events & EVENT_READ:
+                self._on_readable()
+        except Exception:
+            self.internal_error()
+
+    def internal_error(self) -> None:
+        """A bug in balrs surfaced as an exception in this connection's callback: fail this exchange
+        (500 to the client if nothing was sent yet) without charging the backend, and keep serving."""
+        log.exception("internal error on a connection to backend %s", self.backend.name)
+        try:
+            self._fail(F_INTERNAL, None)
+        except Exception:
+            log.exception("internal error while closing a connection to backend %s", self.backend.name)
+            client = self.client
+            self.client = None
+            self.state = U_CLOSED
+            self._close_socket()
+            if client is not None:
+                client.internal_error()
 
     def _on_connect_event(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -1154,6 +1215,7 @@ class UpstreamConn(_Stream):
         if not data:
             self._on_eof(False)
             return
+        self.read_full = len(data) == UPSTREAM_RECV_SIZE
         state = self.state
         self.last_active = self.reactor.now
         if state == U_BODY:
@@ -1333,7 +1395,10 @@ class UpstreamConn(_Stream):
         idle = backend.idle
         if (self.keep and client is not None and client.state == C_WAIT and not self.out
                 and self.framing != CLOSE_DELIMITED and len(idle) < POOL_MAX_IDLE and not self.srv.draining
-                and not backend.draining):
+                and not backend.draining and (not self.read_full or self.clean())):
+            # (A read that did not fill its buffer took everything the kernel had: bytes after the
+            # response would have been in it. After a full one, look: a response that ends exactly on
+            # a read boundary may be followed by more.)
             # Back to the pool: the request went out whole and the response came in whole.
             self.state = U_IDLE  # U_HEAD/U_BODY -> U_IDLE
             now = self.idle_since = self.reactor.now
@@ -1389,7 +1454,9 @@ class UpstreamConn(_Stream):
 
     def _fail(self, why: int, message: Optional[str]) -> None:
         backend = self.backend
-        if why != F_STALE:
+        if self.state == U_CLOSED:
+            return
+        if why != F_STALE and why != F_INTERNAL:
             backend.failures += 1
             self.srv.health.failure(backend, "timeout" if why == F_TIMEOUT else "reset")
             log.warning("backend %s: %s", backend.name,
@@ -1430,6 +1497,16 @@ class UpstreamConn(_Stream):
     def _stale_write(self) -> None:
         if self.state == U_HEAD and not self.got_bytes:
             self._fail(F_STALE, None)
+
+    def clean(self) -> bool:
+        """True when nothing waits to be read on this connection: no surplus bytes after the response,
+        no FIN or reset from the backend. One poll(2) with no timeout on a poll object of this
+        connection's own (a MSG_PEEK recv would raise BlockingIOError, several times the cost)."""
+        p = self.peek_poll
+        if p is None:
+            p = self.peek_poll = select.poll()
+            p.register(self.fd, select.POLLIN)
+        return not p.poll(0)
 
     # ---- flow control --------------------------------------------------------------------------
     def pause_reading(self) -> None:
@@ -1488,6 +1565,12 @@ class UpstreamConn(_Stream):
     # ---- timers --------------------------------------------------------------------------------
     def _on_timer(self) -> None:
         self.timer = None
+        try:
+            self._timer_fired()
+        except Exception:
+            self.internal_error()
+
+    def _timer_fired(self) -> None:
         srv = self.srv
         now = self.reactor.now
         state = self.state
