@@ -1,0 +1,185 @@
+"""Instructions per proxied request, counted by callgrind: deterministic where req/s is not.
+
+    python bench/callgrind.py                 # small keep-alive requests, round robin, 3 backends
+    python bench/callgrind.py --requests 2000 --connections 10 --strategy least_connections
+    python bench/callgrind.py --checkout /path/to/other/checkout   # the same run against another tree
+
+balrs runs under ``valgrind --tool=callgrind`` (user-space instructions only: the kernel's share of
+each syscall is not counted), with ``PYTHONHASHSEED=0``. The backends (nginx-like response heads) and the
+client run in this process, outside valgrind. Two runs, with N and 2N requests over the same connections,
+and the difference of their totals divided by N cancels start-up and shutdown: what remains is the cost
+of one request. Needs valgrind; every socket is on 127.0.0.1; everything stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+# What nginx answers for a small static response (the load benchmark's `small` scenario).
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 01 Apr 2024 12:00:00 GMT\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\nHello, world\n")
+# What wrk sends.
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+
+
+class Backends:
+    """Threaded keep-alive backends answering every request head with RESPONSE."""
+
+    def __init__(self, n: int) -> None:
+        self.socks = []
+        self.stopped = threading.Event()
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(64)
+            s.settimeout(0.2)
+            self.socks.append(s)
+            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    @property
+    def ports(self) -> List[int]:
+        return [s.getsockname()[1] for s in self.socks]
+
+    def _accept(self, lsock: socket.socket) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        conn.settimeout(300)
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    _head, buf = buf.split(b"\r\n\r\n", 1)
+                    conn.sendall(RESPONSE)
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        for s in self.socks:
+            s.close()
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _read_response(sock: socket.socket) -> None:
+    buf = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError("balrs closed a client connection")
+        buf += data
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            m = re.search(rb"\r\n[Cc]ontent-[Ll]ength: ([0-9]+)", buf[:end + 2])
+            if m is not None and len(buf) >= end + 4 + int(m.group(1)):
+                return
+
+
+def run_once(checkout: Path, requests: int, connections: int, strategy: str, work: Path) -> int:
+    """Total instructions of a balrs process that served ``requests`` requests."""
+    backends = Backends(3)
+    port = _free_port()
+    ini = work / "lb.ini"
+    lines = ["[balancer]", "listen = 127.0.0.1:%d" % port, "strategy = %s" % strategy,
+             "backend_timeout = 300s", "client_timeout = 300s", "header_timeout = 300s", ""]
+    for i, p in enumerate(backends.ports):
+        lines += ["[backend b%d]" % (i + 1), "address = 127.0.0.1:%d" % p, ""]
+    ini.write_text("\n".join(lines))
+    out = work / ("callgrind.%d.out" % requests)
+    env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=str(checkout))
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=%s" % out, sys.executable, "-m", "balrs",
+         "--log-level", "warning", str(ini)],
+        cwd=str(checkout), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    clients: List[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("balrs did not start: %s" % proc.stderr.read().decode()[-2000:])  # type: ignore[union-attr]
+                time.sleep(0.2)
+        for _ in range(connections - 1):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=60))
+        for c in clients:
+            c.settimeout(60)
+        req = REQUEST % port
+        for i in range(requests):
+            c = clients[i % connections]
+            c.sendall(req)
+            _read_response(c)
+    finally:
+        for c in clients:
+            c.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        backends.stop()
+    text = out.read_text(errors="replace")
+    m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+    if m is None:
+        raise RuntimeError("no totals in %s" % out)
+    return int(m.group(1))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=1000, help="N (the second run serves 2N)")
+    p.add_argument("--connections", type=int, default=10)
+    p.add_argument("--strategy", default="round_robin")
+    p.add_argument("--checkout", type=Path, default=ROOT, help="the balrs tree to measure")
+    args = p.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        sys.stderr.write("valgrind is not installed (apt-get install valgrind)\n")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="balrs-callgrind-") as tmp:
+        work = Path(tmp)
+        a = run_once(args.checkout.resolve(), args.requests, args.connections, args.strategy, work)
+        b = run_once(args.checkout.resolve(), 2 * args.requests, args.connections, args.strategy, work)
+    print("%s: %d instructions per request (%s, %d connections; totals %d and %d)"
+          % (args.checkout, (b - a) // args.requests, args.strategy, args.connections, a, b))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
