@@ -24,10 +24,11 @@ import logging
 import os
 import signal
 import socket
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
+from . import __version__
 from .admin import AdminServer
-from .config import Config, ConfigError, load
+from .config import Address, Config, ConfigError, load
 from .control import SnapshotCollector, WorkerControl
 from .reactor import Reactor
 from .listener import bind_listener
@@ -91,12 +92,18 @@ class Supervisor:
         self.admin: Optional[AdminServer] = None
 
     # ---- start ---------------------------------------------------------------------------------
-    def check_bind(self) -> None:
-        """Fail at start-up, with the address in the message, when a listen address cannot be bound
-        (each worker binds for itself; this is only a trial without listen(), so it takes no traffic).
-        The admin addresses are bound for real by :meth:`start_admin`."""
-        for addr in self.config.listen:
-            sock = bind_listener(addr, reuse_port=True, listen=False)
+    def check_bind(self, addrs: Optional[Sequence[Address]] = None) -> None:
+        """Fail, with the address in the message, when a listen address is taken by anything at all.
+
+        Each worker binds for itself with SO_REUSEPORT, and the kernel lets any other socket of the same
+        user that sets SO_REUSEPORT bind beside it and take a share of the connections, silently (a second
+        balrs started by mistake). So the trial bind here is exclusive, without SO_REUSEPORT (and without
+        listen(), so it takes no traffic): it fails exactly when a single balrs process would, and the
+        workers bind the moment it is released. Only at start and for addresses a reload adds: the
+        addresses already served are held by this supervisor's own workers. The admin addresses are
+        bound for real by :meth:`start_admin`."""
+        for addr in self.config.listen if addrs is None else addrs:
+            sock = bind_listener(addr, reuse_port=False, listen=False)
             sock.close()
 
     def start_admin(self) -> None:
@@ -117,7 +124,10 @@ class Supervisor:
         r.add_signal_handler(signal.SIGCHLD, self._on_child)
         try:
             self.start_admin()
-            log.info("supervisor: starting %d workers", self.config.workers)
+            config = self.config
+            log.info("balrs %s listening on %s with %d workers; strategy %s; backends %s", __version__,
+                     ", ".join(str(a) for a in config.listen), config.workers, config.strategy,
+                     ", ".join("%s=%s" % (b.name, b.address) for b in config.backends))
             for _ in range(self.config.workers):
                 self._spawn()
             r.run()
@@ -190,6 +200,13 @@ class Supervisor:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         old = self.config
+        # Listen addresses the reload adds must be free, as for a single balancer (see check_bind).
+        added = [a for a in config.listen if a not in old.listen]
+        try:
+            self.check_bind(added)
+        except OSError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc.strerror or exc)
+            return
         # [admin] is the supervisor's: new addresses are bound first, and if they cannot be, nothing
         # changes (like a single balancer's reload).
         if config.admin is not None and self.admin is not None and config.admin != old.admin:

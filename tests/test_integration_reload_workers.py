@@ -11,9 +11,12 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, List
+
+import pytest
 
 from support import (
     BalrsProcess,
@@ -230,3 +233,85 @@ def _is_zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+# ---- workers: the port is ours alone -----------------------------------------------------------------------
+def _reuseport_listener(port: int) -> socket.socket:
+    """What a second balrs in workers mode (or any program of this user) would hold: SO_REUSEPORT."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(64)
+    return s
+
+
+def _start_expecting_refusal(tmp_path: Any, text: str, port: int, name: str) -> str:
+    """Start balrs and expect it to exit 1 at once; its stderr. (A balrs that starts anyway is stopped.)"""
+    proc = BalrsProcess(tmp_path, text, port, name=name).start(wait=False)
+    try:
+        rc = proc.wait_exit(15)
+        err = proc.log_text()
+        assert rc == 1, "balrs did not refuse (exit status %s); stderr:\n%s" % (rc, err[-2000:])
+        return err
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_taken_with_so_reuseport_is_refused_like_a_single_process(
+    tmp_path: Any, make_backend: Callable[..., TestBackend], workers: int
+) -> None:
+    """The kernel would let a SO_REUSEPORT bind share the port and take half the connections: balrs
+    refuses at start, with the same error in workers mode as in a single process."""
+    b1 = make_backend("b1")
+    port = free_port()
+    holder = _reuseport_listener(port)
+    try:
+        err = _start_expecting_refusal(tmp_path, lb_ini("127.0.0.1:%d" % port, [b1], workers=workers), port,
+                                       "taken-%d" % workers)
+        assert "cannot listen on 127.0.0.1:%d: Address already in use" % port in err, err
+        assert "Traceback" not in err
+        # Nothing of balrs is left on the port: every connection still reaches the holder.
+        holder.settimeout(2)
+        for _ in range(8):
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                conn, _ = holder.accept()
+                conn.close()
+    finally:
+        holder.close()
+
+
+def test_a_second_balrs_with_workers_on_the_same_port_refuses(
+    tmp_path: Any, make_backend: Callable[..., TestBackend], make_lb: Callable[..., BalrsProcess]
+) -> None:
+    b1 = make_backend("b1")
+    lb = make_lb([b1], workers=2)
+    assert wait_for(lambda: len(children(lb.pid)) == 2, 5)
+    assert "listening on 127.0.0.1:%d with 2 workers" % lb.port in lb.log_text(), lb.log_tail()
+    err = _start_expecting_refusal(tmp_path, lb.config_path.read_text(), lb.port, "second")
+    assert "Address already in use" in err, err
+    # The first one still serves everything (its workers were alone on the port all along).
+    assert spread(lb, 10) == {"b1": 10}
+    assert len(b1.reqs()) == 10
+
+
+def test_workers_reload_adding_a_taken_address_is_refused(
+    make_backend: Callable[..., TestBackend], make_lb: Callable[..., BalrsProcess]
+) -> None:
+    b1 = make_backend("b1")
+    lb = make_lb([b1], workers=2)
+    port2 = free_port()
+    holder = _reuseport_listener(port2)
+    try:
+        lb.config_path.write_text(lb_ini(["127.0.0.1:%d" % lb.port, "127.0.0.1:%d" % port2], [b1], workers=2))
+        lb.signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload failed" in lb.log_text(), 5), lb.log_tail()
+        assert "127.0.0.1:%d" % port2 in lb.log_text()
+        holder.settimeout(2)
+        for _ in range(8):
+            with socket.create_connection(("127.0.0.1", port2), timeout=2):
+                conn, _ = holder.accept()
+                conn.close()
+        assert spread(lb, 4) == {"b1": 4}
+    finally:
+        holder.close()
