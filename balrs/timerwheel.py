@@ -86,6 +86,8 @@ _by_when = attrgetter("when")
 
 # Timer._pos for timers not in a wheel slot (overflow, staged): no occupancy bit to clear.
 _NO_SLOT = -1
+# TimerWheel._next_start when no timer is scheduled: later than any tick.
+_NO_TIMER_TICK = 1 << 200
 
 
 class Timer:
@@ -146,6 +148,8 @@ class TimerWheel:
         "_clock",
         "_count",
         "_inv",
+        "_next_start",
+        "_next_wake",
         "_occupied",
         "_origin",
         "_overflow",
@@ -178,6 +182,12 @@ class TimerWheel:
         self._staged: dict[Timer, None] = {}  # scheduled by callbacks during run()
         self._running = False
         self._visits = 0  # debug counter: slots (or overflow windows) visited by run()
+        # What every loop turn asks, cached (the reactor calls next_timeout and run once per turn):
+        # a lower bound on the first tick of the next slot (or overflow window) needing attention, and
+        # the wake-up next_timeout reports (None: to compute). Adding a timer lowers them when it lands
+        # earlier; cancelling leaves them as they are (too early is safe: never late); run() recomputes.
+        self._next_start = _NO_TIMER_TICK
+        self._next_wake: float | None = None
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -222,6 +232,10 @@ class TimerWheel:
         timer = Timer(self, when, callback, bucket, level * SLOTS + index)
         bucket[timer] = None
         self._occupied[level] |= 1 << index
+        start = (e >> (level * SLOT_BITS)) << (level * SLOT_BITS)  # the first tick of its slot
+        if start <= self._next_start:
+            self._next_start = start
+            self._next_wake = None
         return timer
 
     def call_later(self, delay: float, callback: Callable[[], object], now: float | None = None) -> Timer:
@@ -247,6 +261,17 @@ class TimerWheel:
             now = self._clock()
         if self._staged:
             return 0.0  # asked from a callback during run(): staged timers may be due
+        wake = self._next_wake
+        if wake is None:
+            # Both from the slots as they are now, so that a timer added later lowers them both when it
+            # lands before (a stale, too early _next_start would let it land between and be missed).
+            self._next_start = self._compute_next_start()
+            wake = self._next_wake = self._compute_wake()
+        delay = wake - now
+        return delay if delay > 0.0 else 0.0
+
+    def _compute_wake(self) -> float:
+        """When the next occupied slot becomes current (see next_timeout)."""
         occupied = self._occupied
         for level in range(LEVELS):
             bits = occupied[level]
@@ -261,7 +286,7 @@ class TimerWheel:
                 break
         else:
             wake = self._tick_start((self._overflow_min >> _TOP_SHIFT) << _TOP_SHIFT)
-        return max(0.0, wake - now)
+        return wake
 
     def run(self, now: float | None = None) -> int:
         """Fire every timer with ``when <= now``, in order of ``when``; return how many fired.
@@ -273,9 +298,15 @@ class TimerWheel:
         if now is None:
             now = self._clock()
         target = _floor(now * self._inv) - self._origin
-        target = max(target, self._tick)  # if the clock stepped back, never rewind the wheel
+        if target < self._tick:  # noqa: PLR1730 - the clock stepped back: never rewind the wheel
+            target = self._tick
+        if target < self._next_start:
+            # Nothing needs attention before the next occupied slot (most loop turns): just advance.
+            self._tick = target
+            return 0
         if not self._count:
             self._tick = target
+            self._next_start = _NO_TIMER_TICK
             return 0
         occupied = self._occupied
         slots = self._slots
@@ -340,6 +371,19 @@ class TimerWheel:
                 for timer in staged:
                     self._place(timer)
                 staged.clear()
+            self._next_start = self._compute_next_start()
+            self._next_wake = None
+
+    def _compute_next_start(self) -> int:
+        """The first tick of the next slot (or overflow window) that run() must visit."""
+        occupied = self._occupied
+        for level in range(LEVELS):
+            bits = occupied[level]
+            if bits:
+                return self._slot_start(level, (bits & -bits).bit_length() - 1)
+        if self._overflow:
+            return (self._overflow_min >> _TOP_SHIFT) << _TOP_SHIFT
+        return _NO_TIMER_TICK
 
     # -- internals ---------------------------------------------------------------------
 
@@ -390,6 +434,10 @@ class TimerWheel:
         timer._bucket = bucket
         timer._pos = level * SLOTS + index
         self._occupied[level] |= 1 << index
+        start = (e >> (level * SLOT_BITS)) << (level * SLOT_BITS)
+        if start <= self._next_start:
+            self._next_start = start
+            self._next_wake = None
 
     def _to_overflow(self, timer: Timer, e: int) -> None:
         overflow = self._overflow
@@ -398,6 +446,10 @@ class TimerWheel:
         overflow[timer] = None
         timer._bucket = overflow
         timer._pos = _NO_SLOT
+        start = (e >> _TOP_SHIFT) << _TOP_SHIFT
+        if start <= self._next_start:
+            self._next_start = start
+            self._next_wake = None
 
     def _migrate_overflow(self) -> None:
         """The cursor entered a new top-level window: move the timers that now fit.

@@ -771,3 +771,40 @@ def test_handles_have_slots_and_readable_attributes() -> None:
         timer.extra = 1  # type: ignore[attr-defined]
     with pytest.raises(AttributeError):
         wheel.extra = 1  # type: ignore[attr-defined]
+
+
+def test_cached_next_timeout_follows_cancel_then_earlier_schedule() -> None:
+    """next_timeout and run cache the next slot between turns: cancelling the earliest timer, asking,
+    then scheduling one between it and the next must still wake for the new one, and fire it."""
+    wheel, clock = make()
+    fired: list[str] = []
+    a = wheel.call_at(1.0, lambda: fired.append("a"))
+    wheel.call_at(100.0, lambda: fired.append("c"))
+    assert wheel.next_timeout(0.0) == pytest.approx(1.0, abs=0.07)
+    a.cancel()
+    first = wheel.next_timeout(0.0)
+    assert first is not None
+    wheel.call_at(5.0, lambda: fired.append("b"))
+    second = wheel.next_timeout(0.0)
+    assert second is not None and second <= 5.0
+    # Turn the loop as the reactor does: sleep what next_timeout says, then run.
+    now = 0.0
+    while "b" not in fired:
+        t = wheel.next_timeout(now)
+        assert t is not None
+        now += t
+        assert now <= 5.0 + 1e-9, "woke after the timer"
+        wheel.run(now)
+    assert fired == ["b"]
+
+
+def test_run_between_timers_only_advances() -> None:
+    """Most loop turns have nothing due: run() advances the cursor without visiting slots."""
+    wheel, clock = make()
+    wheel.call_at(30.0, lambda: None)
+    wheel.run(0.5)
+    visits = wheel._visits
+    for i in range(1, 1000):
+        assert wheel.run(0.5 + i * 0.001) == 0
+    assert wheel._visits == visits
+    assert wheel.run(30.0) == 1
