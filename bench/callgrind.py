@@ -108,7 +108,8 @@ def _read_response(sock: socket.socket) -> None:
                 return
 
 
-def run_once(checkout: Path, requests: int, connections: int, strategy: str, work: Path) -> int:
+def run_once(checkout: Path, requests: int, connections: int, strategy: str, work: Path,
+             concurrent: bool = False) -> int:
     """Total instructions of a balrs process that served ``requests`` requests."""
     backends = Backends(3)
     port = _free_port()
@@ -140,10 +141,18 @@ def run_once(checkout: Path, requests: int, connections: int, strategy: str, wor
         for c in clients:
             c.settimeout(60)
         req = REQUEST % port
-        for i in range(requests):
-            c = clients[i % connections]
-            c.sendall(req)
-            _read_response(c)
+        if concurrent:
+            # Like wrk: a request in flight on every connection at once, so loop turns see many events.
+            for _ in range(requests // connections):
+                for c in clients:
+                    c.sendall(req)
+                for c in clients:
+                    _read_response(c)
+        else:
+            for i in range(requests):
+                c = clients[i % connections]
+                c.sendall(req)
+                _read_response(c)
     finally:
         for c in clients:
             c.close()
@@ -168,16 +177,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--connections", type=int, default=10)
     p.add_argument("--strategy", default="round_robin")
     p.add_argument("--checkout", type=Path, default=ROOT, help="the balrs tree to measure")
+    p.add_argument("--concurrent", action="store_true",
+                   help="one request in flight on every connection at once (like wrk), not one at a time")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         sys.stderr.write("valgrind is not installed (apt-get install valgrind)\n")
         return 2
     with tempfile.TemporaryDirectory(prefix="balrs-callgrind-") as tmp:
         work = Path(tmp)
-        a = run_once(args.checkout.resolve(), args.requests, args.connections, args.strategy, work)
-        b = run_once(args.checkout.resolve(), 2 * args.requests, args.connections, args.strategy, work)
-    print("%s: %d instructions per request (%s, %d connections; totals %d and %d)"
-          % (args.checkout, (b - a) // args.requests, args.strategy, args.connections, a, b))
+        a = run_once(args.checkout.resolve(), args.requests, args.connections, args.strategy, work, args.concurrent)
+        b = run_once(args.checkout.resolve(), 2 * args.requests, args.connections, args.strategy, work,
+                     args.concurrent)
+    print("%s: %d instructions per request (%s, %d connections%s; totals %d and %d)"
+          % (args.checkout, (b - a) // args.requests, args.strategy, args.connections,
+             ", concurrent" if args.concurrent else "", a, b))
     return 0
 
 
