@@ -386,22 +386,17 @@ def _authority_problem(authority: bytes) -> Optional[str]:
     return None
 
 
-def _request_problem(head: bytes) -> ProtocolError:
-    """The error for a request head that failed the one-pass match (error path only)."""
+def _head_problem(head: bytes, kind: int) -> ProtocolError:
+    """The error for a head that failed the one-pass match (error path only): its start line's, or its
+    field block's (400 for a request, 502 for a response)."""
     nl = head.find(b"\n") + 1
-    problem = _start_line_problem(head[:nl], REQUEST) if nl else ProtocolError(400, "malformed request line")
+    if not nl:
+        return ProtocolError(502, "malformed status line") if kind == RESPONSE else ProtocolError(
+            400, "malformed request line")
+    problem = _start_line_problem(head[:nl], kind)
     if problem is not None:
         return problem
-    return ProtocolError(400, _field_problem(head, nl))
-
-
-def _response_problem(head: bytes) -> ProtocolError:
-    """The error for a response head that failed the one-pass match (error path only)."""
-    nl = head.find(b"\n") + 1
-    problem = _start_line_problem(head[:nl], RESPONSE) if nl else ProtocolError(502, "malformed status line")
-    if problem is not None:
-        return problem
-    return ProtocolError(502, _field_problem(head, nl))
+    return ProtocolError(502 if kind == RESPONSE else 400, _field_problem(head, nl))
 
 
 def _field_problem(head: bytes, start: int) -> str:
@@ -553,7 +548,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     low = head.lower()
     f = _REQUEST_HEAD.fullmatch(low)
     if f is None:
-        raise _request_problem(head)
+        raise _head_problem(head, REQUEST)
     (major, minor_b, host_v, cl_v, conn_v, te_v, flag_t, upgrade_v, expect_v, flag_k, flag_p, flag_x,
      flag_v) = f.groups()
     # The request line: method and target as received (both case-sensitive), "HTTP/" in capitals.
@@ -726,7 +721,7 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
     low = head.lower()
     f = _RESPONSE_HEAD.fullmatch(low)
     if f is None or head[:5] != b"HTTP/":
-        raise _response_problem(head)
+        raise _head_problem(head, RESPONSE)
     major, minor_b, status_b, cl_v, conn_v, te_v, flag_t, flag_k, flag_p, flag_u = f.groups()
     if major != b"1":
         raise ProtocolError(502, "backend answered in HTTP version %s" % major.decode())
