@@ -1009,6 +1009,13 @@ class ClientConn(_Stream):
         self.srv.client_closed(self)
 
 
+def _readable_poll(fd: int) -> select.poll:
+    """A poll object watching ``fd`` for anything to read (bytes, FIN or reset), for a no-wait check."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return p
+
+
 def _take_idle(backend: Backend) -> Optional[UpstreamConn]:
     """An idle pooled connection to ``backend`` (most recently used first) that is safe to reuse, or
     None. One that holds unread bytes (a backend that sent more than its response said) or that the
@@ -1017,8 +1024,7 @@ def _take_idle(backend: Backend) -> Optional[UpstreamConn]:
     while idle:
         up, _ = idle.popitem()
         if up.state == U_IDLE:
-            p = up.peek_poll  # up.clean(), inlined: this runs for every request on a pooled connection
-            if p is not None and not p.poll(0):
+            if not up.peek_poll.poll(0):  # up.clean(), inlined: this runs for every pooled request
                 return up
             log.debug("backend %s: idle connection not reused: unread bytes or closed by the backend",
                       backend.name)
@@ -1065,7 +1071,7 @@ class UpstreamConn(_Stream):
         self.connect_error = 0
         self.sent_at = now
         self.read_full = False   # the last recv() filled its buffer: more bytes may be waiting
-        self.peek_poll: Optional[select.poll] = None  # made when first pooled (see clean())
+        self.peek_poll = _readable_poll(self.fd)  # see clean()
         self.state = U_CONNECTING
         err = sock.connect_ex(backend.sockaddr)
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
@@ -1397,14 +1403,10 @@ class UpstreamConn(_Stream):
         if (self.keep and client is not None and client.state == C_WAIT and not self.out
                 and self.framing != CLOSE_DELIMITED and len(idle) < POOL_MAX_IDLE and not self.srv.draining
                 and not backend.draining and (not self.read_full or self.clean())):
-            # (A read that did not fill its buffer took everything the kernel had: bytes after the
-            # response would have been in it. After a full one, look: a response that ends exactly on
-            # a read boundary may be followed by more.)
-            # Back to the pool: the request went out whole and the response came in whole.
+            # Back to the pool: the request went out whole and the response came in whole. (A read that
+            # did not fill its buffer took everything the kernel had, so bytes after the response would
+            # have been in it; after a full one, look: a response may end exactly on a read boundary.)
             self.state = U_IDLE  # U_HEAD/U_BODY -> U_IDLE
-            if self.peek_poll is None:
-                self.peek_poll = p = select.poll()
-                p.register(self.fd, select.POLLIN)
             now = self.idle_since = self.reactor.now
             idle[self] = None
             if not self.reading:
@@ -1506,11 +1508,7 @@ class UpstreamConn(_Stream):
         """True when nothing waits to be read on this connection: no surplus bytes after the response,
         no FIN or reset from the backend. One poll(2) with no timeout on a poll object of this
         connection's own (a MSG_PEEK recv would raise BlockingIOError, several times the cost)."""
-        p = self.peek_poll
-        if p is None:
-            p = self.peek_poll = select.poll()
-            p.register(self.fd, select.POLLIN)
-        return not p.poll(0)
+        return not self.peek_poll.poll(0)
 
     # ---- flow control --------------------------------------------------------------------------
     def pause_reading(self) -> None:

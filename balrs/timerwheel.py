@@ -232,7 +232,8 @@ class TimerWheel:
         timer = Timer(self, when, callback, bucket, level * SLOTS + index)
         bucket[timer] = None
         self._occupied[level] |= 1 << index
-        start = (e >> (level * SLOT_BITS)) << (level * SLOT_BITS)  # the first tick of its slot
+        # _lower_next_start, inlined (the hot path): start is the first tick of the timer's slot.
+        start = (e >> (level * SLOT_BITS)) << (level * SLOT_BITS)
         if start <= self._next_start:
             self._next_start = start
             self._next_wake = None
@@ -272,21 +273,12 @@ class TimerWheel:
 
     def _compute_wake(self) -> float:
         """When the next occupied slot becomes current (see next_timeout)."""
-        occupied = self._occupied
-        for level in range(LEVELS):
-            bits = occupied[level]
-            if bits:
-                index = (bits & -bits).bit_length() - 1
-                if level == 0:
-                    # One slot, one tick: at most a few timers, and the exact answer
-                    # avoids waking before a timer that is late in its tick.
-                    wake = min(self._slots[0][index], key=_by_when).when
-                else:
-                    wake = self._tick_start(self._slot_start(level, index))
-                break
-        else:
-            wake = self._tick_start((self._overflow_min >> _TOP_SHIFT) << _TOP_SHIFT)
-        return wake
+        level, index = self._next_slot()
+        if level == 0:
+            # One slot, one tick: at most a few timers, and the exact answer avoids waking before a
+            # timer that is late in its tick.
+            return min(self._slots[0][index], key=_by_when).when
+        return self._tick_start(self._start_of(level, index))
 
     def run(self, now: float | None = None) -> int:
         """Fire every timer with ``when <= now``, in order of ``when``; return how many fired.
@@ -374,16 +366,33 @@ class TimerWheel:
             self._next_start = self._compute_next_start()
             self._next_wake = None
 
-    def _compute_next_start(self) -> int:
-        """The first tick of the next slot (or overflow window) that run() must visit."""
+    def _next_slot(self) -> tuple[int, int]:
+        """(level, index) of the next occupied slot: the lowest one of the lowest non-empty level;
+        (LEVELS, 0) when only the overflow holds timers, or none does."""
         occupied = self._occupied
         for level in range(LEVELS):
             bits = occupied[level]
             if bits:
-                return self._slot_start(level, (bits & -bits).bit_length() - 1)
+                return level, (bits & -bits).bit_length() - 1
+        return LEVELS, 0
+
+    def _compute_next_start(self) -> int:
+        """The first tick of the next slot (or overflow window) that run() must visit."""
+        return self._start_of(*self._next_slot())
+
+    def _start_of(self, level: int, index: int) -> int:
+        """The first tick of what _next_slot() found: a slot, the overflow's window, or none."""
+        if level < LEVELS:
+            return self._slot_start(level, index)
         if self._overflow:
             return (self._overflow_min >> _TOP_SHIFT) << _TOP_SHIFT
         return _NO_TIMER_TICK
+
+    def _lower_next_start(self, start: int) -> None:
+        """A timer went into the slot (or overflow window) starting at tick ``start``."""
+        if start <= self._next_start:
+            self._next_start = start
+            self._next_wake = None
 
     # -- internals ---------------------------------------------------------------------
 
@@ -434,10 +443,7 @@ class TimerWheel:
         timer._bucket = bucket
         timer._pos = level * SLOTS + index
         self._occupied[level] |= 1 << index
-        start = (e >> (level * SLOT_BITS)) << (level * SLOT_BITS)
-        if start <= self._next_start:
-            self._next_start = start
-            self._next_wake = None
+        self._lower_next_start((e >> (level * SLOT_BITS)) << (level * SLOT_BITS))
 
     def _to_overflow(self, timer: Timer, e: int) -> None:
         overflow = self._overflow
@@ -446,10 +452,7 @@ class TimerWheel:
         overflow[timer] = None
         timer._bucket = overflow
         timer._pos = _NO_SLOT
-        start = (e >> _TOP_SHIFT) << _TOP_SHIFT
-        if start <= self._next_start:
-            self._next_start = start
-            self._next_wake = None
+        self._lower_next_start((e >> _TOP_SHIFT) << _TOP_SHIFT)
 
     def _migrate_overflow(self) -> None:
         """The cursor entered a new top-level window: move the timers that now fit.

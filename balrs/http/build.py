@@ -104,7 +104,6 @@ def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, def
     if host is None:
         # An HTTP/1.0 request may lack Host; HTTP/1.1 upstream needs one (RFC 9112 §3.2).
         out.append(b"Host: %s\r\n" % default_host)
-
     if req.upgrade is not None:
         out.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade)
     xff.append(client_ip)

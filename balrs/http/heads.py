@@ -389,10 +389,7 @@ def _authority_problem(authority: bytes) -> Optional[str]:
 def _head_problem(head: bytes, kind: int) -> ProtocolError:
     """The error for a head that failed the one-pass match (error path only): its start line's, or its
     field block's (400 for a request, 502 for a response)."""
-    nl = head.find(b"\n") + 1
-    if not nl:
-        return ProtocolError(502, "malformed status line") if kind == RESPONSE else ProtocolError(
-            400, "malformed request line")
+    nl = head.find(b"\n") + 1  # (0: no line end at all, and the empty start line is malformed)
     problem = _start_line_problem(head[:nl], kind)
     if problem is not None:
         return problem
