@@ -1294,6 +1294,7 @@ class BalrsProcess:
         self.log_path = workdir / ("%s.stderr" % name)
         self.args = list(args)
         self.proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+        self.admin_addr: tuple[str, int] | None = None  # [admin] listen, when start_balrs(admin=True)
 
     @property
     def pid(self) -> int:
@@ -1399,23 +1400,27 @@ def start_balrs(
     name: str = "lb",
     wait_addr: tuple[str, int] | None = None,
     extra_listen: Sequence[str] = (),
+    admin: bool = False,
     **balancer: object,
 ) -> BalrsProcess:
     """Write an lb.ini and start balrs on a free port (a new port if the chosen one was taken meanwhile);
     return once it accepts connections (on ``wait_addr`` if given, e.g. for ``--listen``).
-    ``extra_listen``: more ``listen`` addresses after the first."""
+    ``extra_listen``: more ``listen`` addresses after the first. ``admin``: also an ``[admin] listen``
+    on a free port (``admin_addr``), waited for too."""
     last: Exception = StartError("not started")
     for attempt in range(3):
         port = free_port()
-        lb = BalrsProcess(
-            workdir,
-            lb_ini(["127.0.0.1:%d" % port, *extra_listen], backends, **balancer),
-            port,
-            args,
-            name="%s-%d" % (name, attempt),
-        )
+        text = lb_ini(["127.0.0.1:%d" % port, *extra_listen], backends, **balancer)
+        admin_addr = (HOST, free_port()) if admin else None
+        if admin_addr is not None:
+            text += "\n[admin]\nlisten = 127.0.0.1:%d\n" % admin_addr[1]
+        lb = BalrsProcess(workdir, text, port, args, name="%s-%d" % (name, attempt))
+        lb.admin_addr = admin_addr
         try:
-            return lb.start(wait_addr=wait_addr)
+            lb.start(wait_addr=admin_addr or wait_addr)
+            if admin_addr is not None:
+                lb.wait_listening(5.0, wait_addr)
+            return lb
         except StartError as exc:
             lb.kill()
             last = exc

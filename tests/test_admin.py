@@ -25,13 +25,13 @@ from support import (
     BalrsProcess,
     Client,
     DeadPort,
-    StartError,
     TestBackend,
     build,
     free_port,
     lb_ini,
     request,
     run_balrs,
+    start_balrs,
     wait_for,
 )
 
@@ -636,25 +636,11 @@ class AdminLB:
         return r.json()
 
 
-def start_admin_lb(workdir: Path, backends: Sequence[Any], name: str = "alb", extra: str = "",
-                   **balancer: object) -> AdminLB:
-    """lb.ini from support.lb_ini plus an [admin] section; started and listening on both addresses."""
-    last: Exception = StartError("not started")
-    for attempt in range(3):
-        port, aport = free_port(), free_port()
-        text = lb_ini("127.0.0.1:%d" % port, backends, **balancer)
-        text += "\n%s\n[admin]\nlisten = 127.0.0.1:%d\n" % (extra, aport)
-        proc = BalrsProcess(workdir, text, port, name="%s-%d" % (name, attempt))
-        try:
-            proc.start(wait_addr=(HOST, aport))
-            proc.wait_listening(5.0)
-            return AdminLB(proc, (HOST, aport))
-        except StartError as exc:
-            proc.kill()
-            last = exc
-            if "in use" not in str(exc).lower():
-                break
-    raise last
+def start_admin_lb(workdir: Path, backends: Sequence[Any], name: str = "alb", **balancer: object) -> AdminLB:
+    """A balrs with an [admin] section (support.start_balrs), listening on both addresses."""
+    proc = start_balrs(workdir, backends, name=name, admin=True, **balancer)
+    assert proc.admin_addr is not None
+    return AdminLB(proc, proc.admin_addr)
 
 
 @pytest.fixture

@@ -25,13 +25,12 @@ from support import (
     BalrsProcess,
     Client,
     Closed,
-    StartError,
     TestBackend,
     Timeout,
     build,
     free_port,
     hget,
-    lb_ini,
+    start_balrs,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -50,25 +49,9 @@ class EdgeLB:
 def start_edge_lb(
     workdir: Path, backends: Sequence[Any], name: str = "edge", admin: bool = True, **balancer: object
 ) -> EdgeLB:
-    """lb.ini from support.lb_ini (plus ``[admin] listen`` when ``admin``); started, listening on both."""
-    last: Exception = StartError("not started")
-    for attempt in range(3):
-        port = free_port()
-        aport = free_port() if admin else 0
-        text = lb_ini("127.0.0.1:%d" % port, backends, **balancer)
-        if admin:
-            text += "\n[admin]\nlisten = 127.0.0.1:%d\n" % aport
-        proc = BalrsProcess(workdir, text, port, name="%s-%d" % (name, attempt))
-        try:
-            proc.start(wait_addr=(HOST, aport) if admin else None)
-            proc.wait_listening(5.0)
-            return EdgeLB(proc, (HOST, aport) if admin else None)
-        except StartError as exc:
-            proc.kill()
-            last = exc
-            if "in use" not in str(exc).lower():
-                break
-    raise last
+    """A balrs (with ``[admin] listen`` when ``admin``), listening on both (support.start_balrs)."""
+    proc = start_balrs(workdir, backends, name=name, admin=admin, **balancer)
+    return EdgeLB(proc, proc.admin_addr)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 from balrs.config import Address, BackendConfig, Config
 from balrs.metrics import snapshot
 from balrs.pool import Backend
-from balrs.proxy import UPSTREAM_RECV_SIZE, ClientConn, UpstreamConn
+from balrs.proxy import UPSTREAM_RECV_SIZE, ClientConn, UpstreamConn, _readable_poll
 from balrs.reactor import EVENT_READ, Reactor
 from balrs.server import Balancer
 
@@ -374,7 +374,7 @@ def test_upstream_conn_clean_sees_bytes_and_eof():
     try:
         up = UpstreamConn.__new__(UpstreamConn)
         up.fd = a.fileno()
-        up.peek_poll = None
+        up.peek_poll = _readable_poll(up.fd)
         assert up.clean()
         b.sendall(b"x")
         assert not up.clean()
