@@ -33,16 +33,16 @@ import os
 import random
 import socket
 from functools import partial
-from typing import TYPE_CHECKING, Dict, FrozenSet, Optional
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, Optional
 
 from .http.errors import ProtocolError
 from .http.heads import RESPONSE, HeadBuffer, parse_response_head
 from .reactor import EVENT_READ, EVENT_WRITE
 
 if TYPE_CHECKING:
-    from .config import HealthConfig
-    from .pool import Backend
-    from .server import Balancer
+    from .config import Config, HealthConfig
+    from .pool import Backend, Pool
+    from .reactor import Reactor
     from .timerwheel import Timer
 
 __all__ = [
@@ -307,9 +307,12 @@ class _Probe:
 class Health:
     """Owns every backend's up/down state. The proxy reports live-traffic outcomes to it."""
 
-    def __init__(self, srv: Balancer, rng: Optional[random.Random] = None) -> None:
-        self.srv = srv
-        self.reactor = srv.reactor
+    def __init__(self, reactor: Reactor, pool: Pool, config: Callable[[], Config],
+                 rng: Optional[random.Random] = None) -> None:
+        self.reactor = reactor
+        self.pool = pool
+        # The running configuration (it changes on reload): [health], eject_after, slow_start.
+        self.config = config
         self.rng = rng if rng is not None else random.Random()
         # The [health] section the probes run with (None: no active checks).
         self.hcfg: Optional[HealthConfig] = None
@@ -335,15 +338,15 @@ class Health:
     def start(self) -> None:
         """Begin probing (if [health] is configured)."""
         self.running = True
-        self.hcfg = self.srv.config.health
-        backends = [b for b in self.srv.pool.backends if not b.draining]
+        self.hcfg = self.config().health
+        backends = [b for b in self.pool.backends if not b.draining]
         self._known = dict.fromkeys(backends)
         for b in backends:
             # Backends present at start-up take their full weight at once (HAProxy applies slowstart
             # only to a server coming back up).
             b.eff_weight = b.weight
             self._add_probe(b)
-        self.srv.pool.refresh()
+        self.pool.refresh()
 
     def stop(self) -> None:
         """Stop probing and cancel every timer (drain, stop)."""
@@ -361,8 +364,8 @@ class Health:
         """The pool's membership or the configuration changed: probe the new set."""
         if not self.running:
             return
-        config = self.srv.config
-        pool = self.srv.pool
+        config = self.config()
+        pool = self.pool
         current = [b for b in pool.backends if not b.draining]
         kept = dict.fromkeys(current)
         # Removed backends (gone, or draining their requests in flight): forget them.
@@ -412,7 +415,7 @@ class Health:
                 b.eff_weight = b.weight
         self._ramp()
         pool.refresh()
-        self.srv.pump_queue()
+        self.pool.wake()
 
     # ---- active probes ------------------------------------------------------------------------------
     def _add_probe(self, backend: Backend) -> None:
@@ -433,7 +436,7 @@ class Health:
         if ok:
             backend.health_successes += 1
             backend.health_failures = 0
-            if (backend.ejected_until and self.srv.config.eject_after
+            if (backend.ejected_until and self.config().eject_after
                     and probe.started_at >= self._ejected_at.get(backend, probe.started_at)):
                 # A probe begun after the ejection passed: the backend answers again, end it early.
                 self._end_ejection(backend, "a health probe passed")
@@ -452,7 +455,7 @@ class Health:
         backend.transitions += 1
         self.ramping.pop(backend, None)
         log.warning("backend %s is DOWN: %s", backend.name, why)
-        self.srv.pool.refresh()
+        self.pool.refresh()
 
     def _mark_up(self, backend: Backend, why: str) -> None:
         backend.up = True
@@ -462,14 +465,14 @@ class Health:
         if not backend.ejected_until:
             self._start_ramp(backend)
             self._ramp()
-        self.srv.pool.refresh()
-        self.srv.pump_queue()
+        self.pool.refresh()
+        self.pool.wake()
 
     # ---- passive outlier detection -------------------------------------------------------------------
     def failure(self, backend: Backend, kind: str) -> None:
         """A live request failed on ``backend``: ``kind`` is connect, reset or timeout."""
         backend.consecutive_errors += 1
-        after = self.srv.config.eject_after
+        after = self.config().eject_after
         if (not after or backend.consecutive_errors < after or backend.ejected_until
                 or backend.draining or not self.running):
             return
@@ -494,7 +497,7 @@ class Health:
         ejecting them all would only turn errors into 503s. Runs only when a backend reaches the
         ejection threshold, never per request."""
         total = eligible = 0
-        for b in self.srv.pool.backends:
+        for b in self.pool.backends:
             if not b.draining:
                 total += 1
                 if b.eligible:
@@ -502,7 +505,7 @@ class Health:
         return eligible - 1 >= max(1, (total + 1) // 2)
 
     def _eject(self, backend: Backend, why: str) -> None:
-        config = self.srv.config
+        config = self.config()
         cooldown = min(config.eject_cooldown * 2.0 ** min(backend.ejections, _MAX_DOUBLINGS),
                        MAX_EJECT_COOLDOWN)
         now = self.now
@@ -516,7 +519,7 @@ class Health:
                                                            partial(self._eject_expired, backend))
         self.ramping.pop(backend, None)
         log.warning("backend %s ejected for %gs: %s", backend.name, cooldown, why)
-        self.srv.pool.refresh()
+        self.pool.refresh()
 
     def _eject_expired(self, backend: Backend) -> None:
         self._eject_timers.pop(backend, None)
@@ -536,18 +539,18 @@ class Health:
         # On probation (nginx tries a server once after fail_timeout): one more failure ejects it again,
         # with a doubled cooldown; its first success (the proxy reports it, as consecutive_errors > 0)
         # ends the probation and resets the ejection count.
-        backend.consecutive_errors = max(1, self.srv.config.eject_after - 1)
+        backend.consecutive_errors = max(1, self.config().eject_after - 1)
         log.info("backend %s is back from ejection: %s", backend.name, why)
         if backend.up:
             self._start_ramp(backend)
             self._ramp()
-        self.srv.pool.refresh()
-        self.srv.pump_queue()
+        self.pool.refresh()
+        self.pool.wake()
 
     # ---- slow start ------------------------------------------------------------------------------------
     def _start_ramp(self, backend: Backend) -> None:
         """Put ``backend`` in slow start from its ``up_since`` (the caller refreshes the pool)."""
-        slow_start = self.srv.config.slow_start
+        slow_start = self.config().slow_start
         if slow_start <= 0.0:
             backend.eff_weight = backend.weight
             return
@@ -562,7 +565,7 @@ class Health:
 
     def _ramp_step(self) -> None:
         self._ramp_timer = None
-        slow_start = self.srv.config.slow_start
+        slow_start = self.config().slow_start
         now = self.now
         changed = False
         for b in list(self.ramping):
@@ -573,7 +576,7 @@ class Health:
             if w >= b.weight:
                 del self.ramping[b]
         if changed:
-            self.srv.pool.refresh()
+            self.pool.refresh()
         self._ramp()
 
     def _stop_ramp(self) -> None:

@@ -2,13 +2,13 @@
 
 Two steps, both pure functions (no I/O, no clock: the caller passes what needs one):
 
-- ``snapshot(srv)`` copies a balancer's counters and state into plain data (dicts, lists, numbers,
+- ``snapshot(pool, config, counters)`` copies a balancer's counters and state into plain data (dicts, lists, numbers,
   strings: JSON as it is, so a worker can send it to the supervisor over its control channel);
   ``merge(snapshots, ...)`` combines the snapshots of several workers into one of the same shape;
 - ``metrics_text(snap)`` and ``status_of(snap)`` render one snapshot, whether of one process or merged.
 
 Everything is O(backends + distinct status codes), run only when the admin endpoint is asked, never on
-the proxy's path. ``snapshot`` reads attributes only, so it works on any object that has them (tests).
+the proxy's path. ``snapshot`` reads attributes only, so it works on any objects that have them (tests).
 
 The text follows the Prometheus exposition format 0.0.4: every family has ``# HELP`` and ``# TYPE``,
 its samples are contiguous, label values escape backslash, double quote and newline, and histogram
@@ -21,14 +21,14 @@ import json
 import math
 import os
 from itertools import zip_longest
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 from . import __version__
 from .pool import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
-    from .pool import Backend
-    from .server import Balancer
+    from .config import Config
+    from .pool import Backend, Pool
 
 __all__ = [
     "CONTENT_TYPE", "STATUS_CONTENT_TYPE", "Snapshot", "escape_label_value", "format_value", "merge",
@@ -103,11 +103,28 @@ class _Writer:
 
 
 # ---- snapshots -------------------------------------------------------------------------------------
-def snapshot(srv: Balancer, start_time: Optional[float] = None) -> Snapshot:
-    """``srv``'s counters and state as plain data. ``start_time`` (Unix seconds) is reported as
-    ``balrs_start_time_seconds``, from which dashboards derive uptime."""
-    pool = srv.pool
-    config = srv.config
+class Counters(Protocol):
+    """The process-wide counters a snapshot reports (the proxy's context and the server keep them)."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def accepted(self) -> int: ...
+
+    @property
+    def client_connections(self) -> int: ...
+
+    @property
+    def log_dropped(self) -> int: ...
+
+    def responses(self) -> Dict[int, int]: ...
+
+
+def snapshot(pool: Pool, config: Config, counters: Counters, start_time: Optional[float] = None) -> Snapshot:
+    """The counters and state of one balancer process as plain data. ``start_time`` (Unix seconds) is
+    reported as ``balrs_start_time_seconds``, from which dashboards derive uptime."""
+    srv = counters
     return {
         "version": __version__,
         "pid": os.getpid(),
@@ -116,9 +133,10 @@ def snapshot(srv: Balancer, start_time: Optional[float] = None) -> Snapshot:
         "draining": bool(srv.draining),
         "listen": [str(a) for a in config.listen],
         "health_checks": config.health is not None,
-        "client_connections": len(srv.clients),
+        "client_connections": srv.client_connections,
         "accepted_connections": srv.accepted,
-        "queue_length": len(pool.queue),
+        "log_dropped": srv.log_dropped,
+        "queue_length": pool.queued,
         # JSON object keys are strings.
         "responses": {str(code): n for code, n in sorted(srv.responses().items())},
         # Backends a reload removed are listed (state "drain") while they still have requests in flight.
@@ -192,6 +210,7 @@ def merge(snapshots: Sequence[Snapshot], pid: int, start_time: Optional[float], 
         "worker_pids": [s["pid"] for s in snapshots],
         "client_connections": sum(s["client_connections"] for s in snapshots),
         "accepted_connections": sum(s["accepted_connections"] for s in snapshots),
+        "log_dropped": sum(s.get("log_dropped", 0) for s in snapshots),
         "queue_length": sum(s["queue_length"] for s in snapshots),
         "responses": {str(code): n for code, n in sorted(responses.items())},
         "backends": [_merge_backend(views) for views in parts.values()],
@@ -274,6 +293,9 @@ def metrics_text(snap: Snapshot) -> str:
              [("balrs_client_connections", (), snap["client_connections"])])
     w.family("balrs_accepted_connections_total", "counter", "Client connections accepted.",
              [("balrs_accepted_connections_total", (), snap["accepted_connections"])])
+    w.family("balrs_log_dropped_total", "counter",
+             "Access log lines dropped because the log destination could not keep up.",
+             [("balrs_log_dropped_total", (), snap.get("log_dropped", 0))])
     w.family("balrs_responses_total", "counter", "Responses sent to clients, by status code.",
              [("balrs_responses_total", (("code", code),), n)
               for code, n in sorted(snap["responses"].items(), key=lambda kv: int(kv[0]))])
@@ -350,9 +372,9 @@ def _histogram(name: str, backends: Sequence[Dict[str, Any]]) -> List[Sample]:
     return samples
 
 
-def render_metrics(srv: Balancer, start_time: Optional[float] = None) -> str:
-    """The Prometheus text of one balancer's state (``metrics_text(snapshot(srv, start_time))``)."""
-    return metrics_text(snapshot(srv, start_time))
+def render_metrics(pool: Pool, config: Config, counters: Counters, start_time: Optional[float] = None) -> str:
+    """The Prometheus text of one balancer's state (``metrics_text(snapshot(...))``)."""
+    return metrics_text(snapshot(pool, config, counters, start_time))
 
 
 # ---- /status ---------------------------------------------------------------------------------------
@@ -410,9 +432,9 @@ def _backend_status(b: Dict[str, Any], health_checks: bool) -> Dict[str, Any]:
     return doc
 
 
-def status_document(srv: Balancer) -> Dict[str, Any]:
-    """The /status document of one balancer (``status_of(snapshot(srv))``)."""
-    return status_of(snapshot(srv))
+def status_document(pool: Pool, config: Config, counters: Counters) -> Dict[str, Any]:
+    """The /status document of one balancer (``status_of(snapshot(...))``)."""
+    return status_of(snapshot(pool, config, counters))
 
 
 def json_body(doc: Dict[str, Any]) -> bytes:
@@ -420,6 +442,6 @@ def json_body(doc: Dict[str, Any]) -> bytes:
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
-def status_json(srv: Balancer) -> bytes:
+def status_json(pool: Pool, config: Config, counters: Counters) -> bytes:
     """The /status document of one balancer as UTF-8 JSON."""
-    return json_body(status_document(srv))
+    return json_body(status_document(pool, config, counters))

@@ -1,12 +1,14 @@
 """Backends, their state and live counters, and the choice among them. No I/O here: the proxy owns
-the sockets, ``health.py`` the probes; a backend only holds its idle pooled connections so the proxy
-can reuse them.
+the sockets, ``health.py`` the probes; a backend only holds its idle pooled connections
+(``connpool.IdlePool``) so the proxy can reuse them.
 
 A backend is *eligible* for new requests when it is up (by health checks), not ejected (by passive
 outlier detection) and not draining (removed by a reload). The strategy is told the eligible set
 whenever it changes, and picks among it per request; the pool then applies per-backend
 ``max_connections`` (a full backend is skipped; when every eligible backend is full the request waits
-in a FIFO queue for a slot, up to ``queue_timeout``).
+in a FIFO queue for a slot, up to ``queue_timeout``, and the pool wakes the queue when a slot frees).
+
+A backend's state changes only through its own methods; the pool's queue only through the pool's.
 """
 
 from __future__ import annotations
@@ -16,16 +18,15 @@ import socket
 from bisect import bisect_left
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Collection, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Collection, Deque, List, Optional, Protocol, Sequence, Set, Tuple
 
 from .config import BackendConfig
-from .strategies import Strategy, make_strategy
+from .connpool import IdlePool
 
 if TYPE_CHECKING:
     from .http.heads import RequestHead
-    from .proxy import ClientConn, UpstreamConn
 
-__all__ = ["Backend", "Pool", "resolve", "LATENCY_BUCKETS"]
+__all__ = ["Backend", "Pool", "Waiter", "Ticket", "Chooser", "StrategyFactory", "resolve", "LATENCY_BUCKETS"]
 
 log = logging.getLogger("balrs")
 
@@ -114,9 +115,8 @@ class Backend:
         # Response time: moving average of time to response head; -1.0 = never measured.
         self.ewma = -1.0
         self.ewma_at = 0.0
-        # Idle keep-alive connections, most recently used last (dicts keep insertion order, so
-        # popitem() is LIFO and removing a connection the backend closed is O(1)).
-        self.idle: Dict[UpstreamConn, None] = {}
+        # Idle keep-alive connections.
+        self.idle = IdlePool(self.name)
 
     def resolve(self) -> bool:
         """Resolve the address now (blocking). Returns True on success."""
@@ -171,6 +171,33 @@ class Backend:
     def full(self) -> bool:
         return bool(self.max_connections) and self.active >= self.max_connections
 
+    # ---- live traffic (the proxy, through the exchange) ----
+    def take_slot(self) -> None:
+        """A request goes in flight on this backend."""
+        self.active += 1
+        self.requests += 1
+
+    def release_slot(self) -> bool:
+        """A request in flight here ended. True when this backend has a slot limit (a request waiting
+        in the queue may now fit)."""
+        self.active -= 1
+        return bool(self.max_connections)
+
+    def record_failure(self) -> None:
+        """A connect failure, or a broken or timed-out response (counted; the health side decides)."""
+        self.failures += 1
+
+    def apply_config(self, config: BackendConfig) -> None:
+        """A reload kept this backend (same name and address): take its new weight and limits."""
+        self.config = config
+        self.weight = config.weight
+        self.eff_weight = config.weight
+        self.max_connections = config.max_connections
+
+    def set_effective_weight(self, weight: float) -> None:
+        """Slow start ramps the weight strategies see (health.py)."""
+        self.eff_weight = weight
+
     def observe(self, seconds: float, now: float, status: int = 0) -> None:
         """A response head (``status``) arrived ``seconds`` after the request was sent."""
         ewma = self.ewma
@@ -188,24 +215,81 @@ class Backend:
         self.latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.responses[status // 100] += 1
 
+    def mark_resolved(self, now: float) -> bool:
+        """The resolver found a first address: the backend can enter service. True if it was new."""
+        if self.resolved:
+            return False
+        self.resolved = True
+        self.up_since = now
+        return True
+
+    def retire(self) -> None:
+        """A reload removed this backend: no new requests; those in flight finish."""
+        self.draining = True
+
     def __repr__(self) -> str:
         return "<Backend %s %s %s>" % (self.name, self.config.address, self.state)
 
 
+class Waiter(Protocol):
+    """A request waiting in the queue for a backend slot."""
+
+    def dequeue(self) -> bool:
+        """Try again: True when the request got a backend (or no longer waits), False to keep waiting."""
+
+
+class Chooser(Protocol):
+    """A strategy as the pool uses it (``strategies.Strategy``): told the eligible set, picks one."""
+
+    backends: List[Backend]
+
+    def update(self, backends: Sequence[Backend]) -> None: ...
+
+    def choose(self, req: RequestHead, client_ip: str) -> Optional[Backend]: ...
+
+    def choose_excluding(self, req: RequestHead, client_ip: str,
+                         exclude: Collection[Backend]) -> Optional[Backend]: ...
+
+
+# make(name, eligible backends, hash_key, clock): a strategy instance (strategies.make_strategy).
+StrategyFactory = Callable[[str, Sequence[Backend], str, Callable[[], float]], Chooser]
+
+
+class Ticket:
+    """A place in the queue; ``waiter`` is None once the request left it."""
+
+    __slots__ = ("waiter",)
+
+    def __init__(self, waiter: Waiter) -> None:
+        self.waiter: Optional[Waiter] = waiter
+
+
+def _run_now(callback: Callable[[], object]) -> None:
+    callback()
+
+
 class Pool:
     """The backends of a balancer, the strategy that picks among the eligible ones, and the queue of
-    requests waiting for a backend slot."""
+    requests waiting for a backend slot. ``call_soon`` schedules the queue's wake-up after the current
+    step (the reactor's), so a slot freed inside connection code is handed on from the loop."""
 
     def __init__(self, configs: Sequence[BackendConfig], strategy: str, hash_key: str = "client_ip",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 call_soon: Callable[[Callable[[], object]], None] = _run_now, *,
+                 make_strategy: StrategyFactory) -> None:
         self.clock = clock
+        self.make_strategy = make_strategy
+        self.call_soon = call_soon
         now = clock()
         self.backends: List[Backend] = [Backend(c, now) for c in configs]
         self.strategy_name = strategy
         self.hash_key = hash_key
-        self.strategy: Strategy = make_strategy(strategy, self.eligible(), hash_key, clock)
-        # Requests waiting for a backend slot (every eligible backend at max_connections), FIFO.
-        self.queue: Deque[ClientConn] = deque()
+        self.strategy: Chooser = make_strategy(strategy, self.eligible(), hash_key, clock)
+        # Requests waiting for a backend slot (every eligible backend at max_connections), FIFO. One
+        # that gives up voids its ticket (O(1)); the pump skips void tickets.
+        self.queue: Deque[Ticket] = deque()
+        self.queued = 0   # live tickets in the queue
+        self._wake_scheduled = False
         self.limited = any(b.max_connections for b in self.backends)
         # Backends a reload removed while they still had requests in flight (reported as "drain").
         self.retired: List[Backend] = []
@@ -226,21 +310,18 @@ class Pool:
                 b = Backend(c, now, resolve_now(c))
                 added.append(b)
             else:
-                b.config = c
-                b.weight = c.weight
-                b.eff_weight = c.weight
-                b.max_connections = c.max_connections
+                b.apply_config(c)
             backends.append(b)
         removed = list(old.values())
         for b in removed:
-            b.draining = True
+            b.retire()
         self.retired = [b for b in self.retired + removed if b.active]
         self.backends = backends
         self.limited = any(b.max_connections for b in backends)
         if strategy != self.strategy_name or hash_key != self.hash_key:
             self.strategy_name = strategy
             self.hash_key = hash_key
-            self.strategy = make_strategy(strategy, self.eligible(), hash_key, self.clock)
+            self.strategy = self.make_strategy(strategy, self.eligible(), hash_key, self.clock)
         else:
             self.refresh()
         return added, removed
@@ -268,19 +349,54 @@ class Pool:
              else strategy.choose(req, client_ip))
         if b is None or not self.limited or not b.full:
             return b
-        # The strategy's pick is at max_connections: another eligible backend with a free slot.
-        tried = list(exclude or ())
-        tried.append(b)
-        for _ in range(len(strategy.backends)):
-            b = strategy.choose_excluding(req, client_ip, tried)
-            if b is None:
-                return None
-            if not b.full:
-                return b
-            tried.append(b)
-        return None
+        # The strategy's pick is at max_connections: its choice among those with a free slot (one
+        # pass to find the full ones, one more pick: O(backends), not a pick per full backend).
+        skip: Set[Backend] = {x for x in strategy.backends if x.full}
+        if exclude:
+            skip.update(exclude)
+        return strategy.choose_excluding(req, client_ip, skip)
 
     def all_full(self) -> bool:
         """True when there are eligible backends but every one of them is at max_connections."""
+        if not self.limited:
+            return False
         backends = self.strategy.backends
         return bool(backends) and all(b.full for b in backends)
+
+    # ---- the queue ---------------------------------------------------------------------------------
+    def enqueue(self, waiter: Waiter) -> Ticket:
+        """Queue ``waiter`` (FIFO); keep the ticket to leave the queue in O(1)."""
+        ticket = Ticket(waiter)
+        self.queue.append(ticket)
+        self.queued += 1
+        return ticket
+
+    def leave_queue(self, ticket: Ticket) -> None:
+        """The request stops waiting (answered, or gone): its ticket is void, skipped by the pump."""
+        if ticket.waiter is not None:
+            ticket.waiter = None
+            self.queued -= 1
+
+    def wake(self) -> None:
+        """A backend slot may have freed up (or a backend came back): let waiting requests try again,
+        in order, from the loop (not from inside the connection code that freed the slot)."""
+        if not self._wake_scheduled and self.queued:
+            self._wake_scheduled = True
+            self.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._wake_scheduled = False
+        queue = self.queue
+        while queue:
+            ticket = queue.popleft()
+            waiter = ticket.waiter
+            if waiter is None:
+                continue
+            ticket.waiter = None
+            self.queued -= 1
+            if not waiter.dequeue():
+                # Still no slot: back to the head of the queue (it keeps its place).
+                ticket.waiter = waiter
+                self.queued += 1
+                queue.appendleft(ticket)
+                break

@@ -12,13 +12,13 @@ import functools
 import ipaddress
 import logging
 import threading
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from .pool import resolve
 
 if TYPE_CHECKING:
-    from .pool import Backend, SockAddr
-    from .server import Balancer
+    from .pool import Backend, Pool, SockAddr
+    from .reactor import Reactor
 
 __all__ = ["Resolver", "is_ip_literal"]
 
@@ -36,20 +36,23 @@ def is_ip_literal(host: str) -> bool:
 class Resolver:
     """The resolver thread of one balancer."""
 
-    def __init__(self, srv: Balancer) -> None:
-        self.srv = srv
+    def __init__(self, reactor: Reactor, pool: Pool, interval: Callable[[], float]) -> None:
+        self.reactor = reactor
+        self.pool = pool
+        # resolve_interval of the running configuration (it changes on reload).
+        self.interval = interval
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def needed(self) -> bool:
-        return any(not is_ip_literal(b.config.address.host) for b in self.srv.pool.backends)
+        return any(not is_ip_literal(b.config.address.host) for b in self.pool.backends)
 
     def start(self) -> None:
         """Start the thread if any backend has a host name (and it is not running yet)."""
         if self._thread is not None or not self.needed():
             return
-        self.srv.reactor.enable_threadsafe()
+        self.reactor.enable_threadsafe()
         self._thread = threading.Thread(target=self._run, name="balrs-resolver", daemon=True)
         self._thread.start()
 
@@ -66,13 +69,13 @@ class Resolver:
     # ---- the thread --------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopped.is_set():
-            self._wake.wait(self.srv.config.resolve_interval)
+            self._wake.wait(self.interval())
             self._wake.clear()
             if self._stopped.is_set():
                 return
             # Reading the list and the frozen configs from this thread is safe: the loop replaces the
             # list (never mutates it in place) on reload.
-            for backend in list(self.srv.pool.backends):
+            for backend in list(self.pool.backends):
                 host = backend.config.address.host
                 if is_ip_literal(host):
                     continue
@@ -81,11 +84,11 @@ class Resolver:
                     result: Tuple[Optional[List[Tuple[int, SockAddr]]], str] = (resolve(host, port), "")
                 except OSError as exc:
                     result = (None, str(exc))
-                self.srv.reactor.call_soon_threadsafe(functools.partial(self._apply, backend, *result))
+                self.reactor.call_soon_threadsafe(functools.partial(self._apply, backend, *result))
 
     # ---- back on the loop --------------------------------------------------------------------------
     def _apply(self, backend: Backend, found: Optional[List[Tuple[int, SockAddr]]], error: str) -> None:
-        if backend not in self.srv.pool.backends:
+        if backend not in self.pool.backends:
             return
         if found is None:
             if backend.resolved:
@@ -97,11 +100,8 @@ class Resolver:
         log.info("backend %s: %s resolves to %s", backend.name, backend.config.address.host,
                  ", ".join(str(a[1][0]) for a in found))
         # Idle pooled connections go to the old address: let them go.
-        for up in list(backend.idle):
-            up.close()
-        if not backend.resolved:
-            backend.resolved = True
-            backend.up_since = self.srv.reactor.now
-            self.srv.pool.refresh()
-            self.srv.pump_queue()
+        backend.idle.close_all()
+        if backend.mark_resolved(self.reactor.now):
+            self.pool.refresh()
+            self.pool.wake()
 

@@ -1,7 +1,11 @@
-"""The balancer: listeners, accepting, the upstream connection pool, counters, graceful stop.
+"""The balancer: wiring and lifecycle of one balrs process. Nothing imports this module but the
+command line, the supervisor and the Python API.
 
-One ``Balancer`` runs on one reactor (one thread, one process). It owns the sockets' lifecycle but not
-the protocol: accepted sockets become ``ClientConn``s, and backend connections ``UpstreamConn``s.
+One ``Balancer`` runs on one reactor (one thread, one process). It builds the rooms and hands each the
+narrow things it uses: the proxy's connections get a ``ProxyContext`` (reactor, settings, pool,
+passive-health hooks, counters, access log), health checks and the resolver get the reactor, the pool
+and a view of the running configuration, the admin endpoint a snapshot source. It owns the listeners,
+the set of client connections, reloads, signals and the graceful stop.
 """
 
 from __future__ import annotations
@@ -11,15 +15,18 @@ import signal
 import socket
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .accesslog import LogSink, RequestIds, make_formatter
 from .admin import AdminServer
-from .config import Address, AdminConfig, Config, ConfigError, load
+from .config import Address, AdminConfig, Config, ConfigError, LogConfig, load
 from .health import Health
 from .listener import Listener
 from .metrics import Snapshot, snapshot as metrics_snapshot
 from .resolver import Resolver, is_ip_literal
 from .pool import Pool
-from .proxy import CLIENT_RECV_SIZE, ClientConn
+from .proxy import ClientConn, ProxyContext
 from .reactor import Reactor
+from .settings import Settings
+from .strategies import make_strategy
 from .timerwheel import Timer
 
 __all__ = ["Balancer"]
@@ -32,9 +39,6 @@ ACCEPT_BATCH = 64
 # After EMFILE/ENFILE, stop accepting this long instead of spinning on a listener we cannot serve
 # (CPython's _accept_connection backs off 1s; shorter recovers faster once descriptors free up).
 ACCEPT_BACKOFF = 0.1
-# The largest response head balrs accepts from a backend (HAProxy bufsize is 16 KiB; nginx
-# proxy_buffer_size 4-8 KiB); past it the answer is 502.
-MAX_RESPONSE_HEAD = 65536
 
 
 class Balancer:
@@ -52,21 +56,23 @@ class Balancer:
         # A worker under a supervisor leaves [admin] to the supervisor, which asks every worker for a
         # snapshot (control.py) and answers for all of them.
         self.serve_admin = serve_admin
-        self.pool = Pool(config.backends, _active_strategy(config.strategy), config.hash_key, self.reactor.clock)
+        self.settings = Settings.from_config(config)
+        reactor = self.reactor
+        self.pool = Pool(config.backends, config.strategy, config.hash_key, reactor.clock, reactor.call_soon,
+                         make_strategy=make_strategy)
         self.clients: Dict[ClientConn, None] = {}
-        self.listener = Listener(self.reactor, "accept", self._new_client, ACCEPT_BATCH, ACCEPT_BACKOFF,
-                                 reuse_port, lambda: len(self.clients) < self.max_connections)
-        self.draining = False
+        self.listener = Listener(reactor, "accept", self._new_client, ACCEPT_BATCH, ACCEPT_BACKOFF,
+                                 reuse_port, lambda: len(self.clients) < self.settings.max_connections)
         self.stopped = False
         self.exit_code = 0
         self._drain_timer: Optional[Timer] = None
-        # Counters (the admin endpoint reports them): responses by status code, indexed directly.
-        self.status_counts: List[int] = [0] * 1000
         self.accepted = 0
-        self._pump_scheduled = False
-        self._apply_settings(config)
-        self.health = Health(self)
-        self.resolver = Resolver(self)
+        self.health = Health(reactor, self.pool, lambda: self.config)
+        self.resolver = Resolver(reactor, self.pool, lambda: self.config.resolve_interval)
+        self.ctx = ProxyContext(reactor, self.settings, self.pool, self.health, self.client_closed)
+        self.access_log: Optional[LogSink] = None
+        self._log_config: Optional[LogConfig] = None
+        self._apply_log(config.log)
         admin = self._admin_config(config)
         self.admin: Optional[AdminServer] = self._make_admin(admin) if admin is not None else None
 
@@ -83,30 +89,54 @@ class Balancer:
     def snapshot(self) -> Snapshot:
         """This balancer's counters and state as plain data (``metrics.snapshot``); what the admin
         endpoint reports, and what a worker sends its supervisor."""
-        return metrics_snapshot(self, self.admin.start_time if self.admin is not None else None)
+        return metrics_snapshot(self.pool, self.config, self,
+                                self.admin.start_time if self.admin is not None else None)
 
-    def _apply_settings(self, c: Config) -> None:
-        # Copied to plain attributes: connections read them on every request.
-        self.connect_timeout = c.connect_timeout
-        self.header_timeout = c.header_timeout
-        self.client_timeout = c.client_timeout
-        self.backend_timeout = c.backend_timeout
-        self.tunnel_timeout = c.tunnel_timeout
-        self.body_timeout = c.body_timeout
-        self.send_timeout = c.send_timeout
-        self.retries = c.retries
-        self.max_connections = c.max_connections
-        self.max_header_bytes = c.max_header_bytes
-        self.max_body_bytes = c.max_body_bytes
-        self.drain_timeout = c.drain_timeout
-        self.queue_timeout = c.queue_timeout
-        self.max_response_head = max(MAX_RESPONSE_HEAD, c.max_header_bytes)
-        # Pipelined requests buffered while one is answered: one full head plus one read.
-        self.pipeline_limit = c.max_header_bytes + CLIENT_RECV_SIZE
-        # How often a connection in a state with no deadline of its own looks at its state again (every
-        # transition into a state with a deadline arms the timer for it; this is the safety net).
-        self.check_interval = max(0.05, min(c.client_timeout, c.header_timeout, c.backend_timeout,
-                                            c.body_timeout, c.send_timeout))
+    # ---- counters (metrics.Counters) ---------------------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self.ctx.draining
+
+    @property
+    def client_connections(self) -> int:
+        return len(self.clients)
+
+    @property
+    def log_dropped(self) -> int:
+        return self.access_log.dropped if self.access_log is not None else 0
+
+    @property
+    def status_counts(self) -> List[int]:
+        return self.ctx.status_counts
+
+    def responses(self) -> Dict[int, int]:
+        """Responses sent, by status code."""
+        return self.ctx.responses()
+
+    # ---- logs ------------------------------------------------------------------------------------
+    def _apply_log(self, lc: LogConfig) -> None:
+        """Open (or keep, or close) the access log, and turn request ids on or off."""
+        ctx = self.ctx
+        ctx.request_ids = RequestIds().next if lc.request_id else None
+        if lc == self._log_config:
+            return
+        old = self.access_log
+        self._log_config = lc
+        if lc.access == "off":
+            self.access_log = None
+            ctx.log_line = ctx.log_format = None
+        elif old is None or old.target != lc.access:
+            self.access_log = LogSink(lc.access)
+            ctx.log_line = self.access_log.write
+        ctx.log_format = make_formatter(lc.format) if lc.access != "off" else None
+        if old is not None and old is not self.access_log:
+            old.close()
+
+    def _on_usr1(self, signum: int) -> None:
+        """logrotate: reopen the access log by its path."""
+        if self.access_log is not None:
+            log.info("SIGUSR1: reopening the access log")
+            self.access_log.reopen()
 
     # ---- listening -------------------------------------------------------------------------------
     @property
@@ -120,46 +150,30 @@ class Balancer:
 
     def _new_client(self, sock: socket.socket, peer: Tuple[str, int]) -> bool:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = ClientConn(self, sock, peer[0])
+        conn = ClientConn(self.ctx, sock, peer[0])
         self.clients[conn] = None
         self.accepted += 1
         # Above max_connections new connections wait in the kernel's accept backlog.
-        return len(self.clients) < self.max_connections
+        return len(self.clients) < self.settings.max_connections
 
-    def client_closed(self, conn: ClientConn) -> None:
-        self.clients.pop(conn, None)
-        if self.draining:
+    def client_closed(self, conn: object) -> None:
+        self.clients.pop(conn, None)  # type: ignore[call-overload]
+        if self.ctx.draining:
             if not self.clients:
                 self._finish_drain()
         elif not self.listener.accepting:
             self.listener.resume()
 
-    # ---- backends ----------------------------------------------------------------------------------
     def pump_queue(self) -> None:
-        """A backend slot may have freed up (or a backend came back): let waiting requests try again,
-        in order, from the loop (not from inside the connection code that freed the slot)."""
-        if not self._pump_scheduled and self.pool.queue:
-            self._pump_scheduled = True
-            self.reactor.call_soon(self._pump)
-
-    def _pump(self) -> None:
-        self._pump_scheduled = False
-        queue = self.pool.queue
-        while queue:
-            client = queue.popleft()
-            if not client.dequeue():
-                queue.appendleft(client)
-                break
-
-    def responses(self) -> Dict[int, int]:
-        """Responses sent, by status code."""
-        return {code: n for code, n in enumerate(self.status_counts) if n}
+        """Let requests waiting for a backend slot try again (``Pool.wake``)."""
+        self.pool.wake()
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         self.reactor.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         self.reactor.add_signal_handler(signal.SIGINT, self._on_stop_signal)
         self.reactor.add_signal_handler(signal.SIGHUP, self._on_hup)
+        self.reactor.add_signal_handler(signal.SIGUSR1, self._on_usr1)
 
     def _on_hup(self, signum: int) -> None:
         if self.draining:
@@ -202,13 +216,12 @@ class Balancer:
             raise
 
         self.config = config
-        self._apply_settings(config)
+        self.settings = self.ctx.settings = Settings.from_config(config)
+        self._apply_log(config.log)
         added, removed = self.pool.reload(
-            config.backends, _active_strategy(config.strategy), config.hash_key,
-            lambda c: is_ip_literal(c.address.host))
+            config.backends, config.strategy, config.hash_key, lambda c: is_ip_literal(c.address.host))
         for b in removed:
-            for up in list(b.idle):
-                up.close()
+            b.idle.close_all()
         self.health.reload()
         if any(not b.resolved for b in added):
             self.resolver.trigger()
@@ -234,7 +247,7 @@ class Balancer:
                 log.warning("second SIGINT: stopping now")
                 self.stop()
             return
-        log.info("%s: draining (up to %gs)", signal.Signals(signum).name, self.drain_timeout)
+        log.info("%s: draining (up to %gs)", signal.Signals(signum).name, self.settings.drain_timeout)
         self.drain()
 
     def start(self) -> None:
@@ -251,16 +264,15 @@ class Balancer:
         self.listener.close()
         self.health.stop()
         self.resolver.stop()
-        self.draining = True
+        self.ctx.draining = True
         for backend in self.pool.backends:
-            for up in list(backend.idle):
-                up.close()
+            backend.idle.close_all()
         for conn in list(self.clients):
             conn.drain()
         if not self.clients:
             self._finish_drain()
             return
-        self._drain_timer = self.reactor.call_later(self.drain_timeout, self._drain_expired)
+        self._drain_timer = self.reactor.call_later(self.settings.drain_timeout, self._drain_expired)
 
     def _drain_expired(self) -> None:
         self._drain_timer = None
@@ -284,21 +296,14 @@ class Balancer:
         for conn in list(self.clients):
             conn.abort()
         for backend in self.pool.backends:
-            for up in list(backend.idle):
-                up.close()
+            backend.idle.close_all()
         if self._drain_timer is not None:
             self._drain_timer.cancel()
+        if self.access_log is not None:
+            self.access_log.close()
         self.reactor.stop()
 
     def run(self) -> int:
         self.reactor.run()
         return self.exit_code
 
-
-def _active_strategy(name: str) -> str:
-    """The strategy to run; those that land in a later release fall back to round robin (logged)."""
-    from .strategies import STRATEGY_CLASSES
-    if name in STRATEGY_CLASSES:
-        return name
-    log.warning("strategy %s is not implemented yet; using round_robin", name)
-    return "round_robin"

@@ -22,7 +22,8 @@ import zlib
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from operator import attrgetter
-from typing import TYPE_CHECKING, Callable, Collection, Dict, List, Optional, Sequence, Set, Tuple, Type
+from itertools import islice
+from typing import TYPE_CHECKING, Callable, Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
 if TYPE_CHECKING:
     from .http.heads import RequestHead
@@ -432,14 +433,15 @@ class LeastResponseTime(_Rotating):
         n = len(self.backends)
         if not n:
             return None
-        return self._best(self._double[self._next:self._next + n])
+        # The rotation without copying it (islice skips in C; no list per pick).
+        return self._best(islice(self._double, self._next, self._next + n))
 
     def choose_excluding(self, req: RequestHead, client_ip: str,
                          exclude: Collection[Backend]) -> Optional[Backend]:
         n = len(self.backends)
-        return self._best([b for b in self._double[self._next:self._next + n] if b not in exclude])
+        return self._best(b for b in islice(self._double, self._next, self._next + n) if b not in exclude)
 
-    def _best(self, candidates: List[Backend]) -> Optional[Backend]:
+    def _best(self, candidates: Iterable[Backend]) -> Optional[Backend]:
         """The best of ``candidates`` (in scan order: ties go to the first)."""
         now = self.clock()
         weighted = self.weighted

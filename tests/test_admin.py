@@ -12,12 +12,13 @@ import collections
 import json
 import math
 import re
+import select
 import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 from support import (
@@ -299,14 +300,22 @@ STATUS_BACKEND_KEYS = ("name", "address", "state", "weight", "active", "requests
 
 def _fake_balancer(backends: Sequence[Backend], responses: Dict[int, int], health: bool = False) -> Any:
     return SimpleNamespace(
-        pool=SimpleNamespace(backends=list(backends), strategy_name="round_robin", queue=collections.deque([1, 2]),
-                             retired=[]),
-        clients={object(): None, object(): None, object(): None},
+        pool=SimpleNamespace(backends=list(backends), strategy_name="round_robin", queued=2, retired=[]),
+        client_connections=3,
+        log_dropped=0,
         accepted=17,
         draining=False,
         responses=lambda: dict(responses),
         config=SimpleNamespace(health=object() if health else None, listen=(Address("127.0.0.1", 8080),)),
     )
+
+
+def _render(srv: Any, start_time: Optional[float] = None) -> str:
+    return render_metrics(srv.pool, srv.config, srv, start_time)
+
+
+def _status(srv: Any) -> Dict[str, Any]:
+    return status_document(srv.pool, srv.config, srv)
 
 
 def _backend(name: str, port: int = 9001, weight: int = 1) -> Backend:
@@ -332,13 +341,13 @@ class TestRender:
         a.responses = [0, 0, 7, 1, 0, 2]
         for s in (0.001, 0.02, 0.02, 3.0, 99.0):
             a.observe(s, 0.0)
-        a.idle = {object(): None}  # type: ignore[dict-item]
+        a.idle.put(object(), select.poll())
         a.transitions = 4
         a.eff_weight = 1
         b.up = False
         b.ejected_until = 5.0
         srv = _fake_balancer([a, b], {200: 7, 404: 1, 502: 2})
-        text = render_metrics(srv, start_time=1700000000.5)
+        text = _render(srv, start_time=1700000000.5)
         fams = parse_prometheus(text)
         for name in REQUIRED_METRICS:
             assert name in fams and fams[name].help, name
@@ -383,12 +392,12 @@ class TestRender:
         assert not [1 for s, ls, _ in fams["balrs_backend_response_time_seconds"].samples if ls["backend"] == weird]
         # Health-check metrics only when checks are configured.
         assert "balrs_backend_health_check_ok" not in fams
-        fams = parse_prometheus(render_metrics(_fake_balancer([a, b], {}, health=True)))
+        fams = parse_prometheus(_render(_fake_balancer([a, b], {}, health=True)))
         assert value_of(fams, "balrs_backend_health_check_ok", backend="a") == 1
         assert fams["balrs_responses_total"].samples == []  # no responses yet: a family without samples
 
     def test_no_backends(self) -> None:
-        fams = parse_prometheus(render_metrics(_fake_balancer([], {})))
+        fams = parse_prometheus(_render(_fake_balancer([], {})))
         assert "balrs_client_connections" in fams
 
     def test_status_document(self) -> None:
@@ -396,7 +405,7 @@ class TestRender:
         a.requests, a.failures, a.active = 5, 1, 1
         a.observe(0.0125, 0.0)
         b.draining = True
-        doc = status_document(_fake_balancer([a, b], {200: 4}))
+        doc = _status(_fake_balancer([a, b], {200: 4}))
         json.dumps(doc)  # serialisable
         assert doc["strategy"] == "round_robin"
         assert doc["responses"] == {"200": 4}
@@ -409,10 +418,10 @@ class TestRender:
         assert da["response_time_ms"] == pytest.approx(12.5)
         assert db["state"] == "drain" and db["weight"] == 2 and db["response_time_ms"] is None
         assert da["last_check_ok"] is None and doc["health_checks"] is False  # no [health]
-        doc = status_document(_fake_balancer([a, b], {}, health=True))
+        doc = _status(_fake_balancer([a, b], {}, health=True))
         assert doc["backends"][0]["last_check_ok"] is True and doc["health_checks"] is True
         b.draining, b.up = False, False
-        assert status_document(_fake_balancer([a, b], {}))["backends"][1]["state"] == "down"
+        assert _status(_fake_balancer([a, b], {}))["backends"][1]["state"] == "down"
 
     def test_real_balancer_object(self) -> None:
         """The renderers read a real Balancer's attributes (catches renames in server.py/pool.py)."""
@@ -423,10 +432,10 @@ class TestRender:
         try:
             srv.status_counts[200] = 3
             srv.pool.backends[0].requests = 3
-            fams = parse_prometheus(render_metrics(srv))
+            fams = parse_prometheus(_render(srv))
             assert value_of(fams, "balrs_responses_total", code="200") == 3
             assert value_of(fams, "balrs_backend_requests_total", backend="x") == 3
-            doc = status_document(srv)
+            doc = _status(srv)
             assert doc["backends"][0]["requests"] == 3 and doc["strategy"] == "round_robin"
         finally:
             srv.reactor.close()

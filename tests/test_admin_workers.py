@@ -109,7 +109,7 @@ def _snap(pid: int, backends: List[Any], responses: Dict[int, int], **attrs: Any
     srv = _fake_balancer(backends, responses)
     for k, v in attrs.items():
         setattr(srv, k, v)
-    snap = json.loads(json.dumps(snapshot(srv, start_time=1.0)))
+    snap = json.loads(json.dumps(snapshot(srv.pool, srv.config, srv, start_time=1.0)))
     snap["pid"] = pid
     return snap
 

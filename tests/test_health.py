@@ -70,13 +70,13 @@ class Rig:
             real_refresh()
 
         pool.refresh = counting_refresh  # type: ignore[method-assign]
-        real_pump = self.bal.pump_queue
+        real_wake = pool.wake
 
-        def counting_pump() -> None:
+        def counting_wake() -> None:
             self.pumps += 1
-            real_pump()
+            real_wake()
 
-        self.bal.pump_queue = counting_pump  # type: ignore[method-assign]
+        pool.wake = counting_wake  # type: ignore[method-assign]
 
     @property
     def now(self) -> float:

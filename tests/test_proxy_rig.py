@@ -19,9 +19,9 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 
 from balrs.config import Address, BackendConfig, Config
-from balrs.metrics import snapshot
 from balrs.pool import Backend
-from balrs.proxy import UPSTREAM_RECV_SIZE, ClientConn, UpstreamConn, _readable_poll
+from balrs.proxy import UPSTREAM_RECV_SIZE, ClientConn, UpstreamConn
+from balrs.proxy.upstream import readable_poll
 from balrs.reactor import EVENT_READ, Reactor
 from balrs.server import Balancer
 
@@ -152,7 +152,7 @@ class Rig:
     def conn_of(self, client: socket.socket) -> ClientConn:
         port = client.getsockname()[1]
         for conn in self.bal.clients:
-            if conn.sock.getpeername()[1] == port:
+            if conn.tr.sock.getpeername()[1] == port:
                 return conn
         raise AssertionError("no ClientConn for that client")
 
@@ -271,11 +271,11 @@ def test_surplus_never_answers_another_clients_request(rig_for, total, late):
     rig.read_response(c1)
     c2.sendall(b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n")
     deadline = time.monotonic() + 5
-    while not _readable(conn2.sock):
+    while not _readable(conn2.tr.sock):
         assert time.monotonic() < deadline
         time.sleep(0.005)
     time.sleep(0.15)  # the surplus is in balrs' receive buffer by now, unread
-    conn2._on_io(EVENT_READ)  # client 2 first, before any event of the idle upstream connection
+    conn2.tr._on_io(EVENT_READ)  # client 2 first, before any event of the idle upstream connection
     _head, body = rig.read_response(c2)
     assert body == b"GOOD /other"
     assert backend.seen[-1][0] != backend.seen[0][0]
@@ -298,10 +298,10 @@ def test_connection_the_backend_closed_is_not_reused_for_a_post(rig_for):
     c1.sendall(b"GET /bye HTTP/1.1\r\nHost: a\r\n\r\n")
     rig.read_response(c1)
     c2.sendall(b"POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
-    while not _readable(conn2.sock):
+    while not _readable(conn2.tr.sock):
         time.sleep(0.005)
     time.sleep(0.05)
-    conn2._on_io(EVENT_READ)
+    conn2.tr._on_io(EVENT_READ)
     head, body = rig.read_response(c2)
     assert head.startswith(b"HTTP/1.1 200") and body == b"GOOD /post"
     assert backend.conns == 2
@@ -329,7 +329,7 @@ def test_status_600_to_999_is_forwarded_and_counted_as_5xx(rig_for, status):
         assert head.startswith(b"HTTP/1.1 %d Odd" % status) and body == b"ok"
     b = rig.backend
     assert b.failures == 0 and b.consecutive_errors == 0
-    snap = snapshot(rig.bal)
+    snap = rig.bal.snapshot()
     assert snap["backends"][0]["responses"] == [0, 0, 0, 0, 2]
     assert snap["responses"] == {str(status): 2}
 
@@ -373,8 +373,7 @@ def test_upstream_conn_clean_sees_bytes_and_eof():
     a, b = socket.socketpair()
     try:
         up = UpstreamConn.__new__(UpstreamConn)
-        up.fd = a.fileno()
-        up.peek_poll = _readable_poll(up.fd)
+        up.peek_poll = readable_poll(a.fileno())
         assert up.clean()
         b.sendall(b"x")
         assert not up.clean()

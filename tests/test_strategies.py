@@ -129,7 +129,7 @@ def test_update_keeps_position_and_empty_pool() -> None:
 
 def test_pool_skips_down_backends() -> None:
     pool = Pool([BackendConfig("a", Address("127.0.0.1", 1)), BackendConfig("b", Address("127.0.0.1", 2))],
-                "round_robin")
+                "round_robin", make_strategy=make_strategy)
     pool.backends[0].up = False
     pool.refresh()
     assert {pool.choose(REQ, "x").name for _ in range(4)} == {"b"}  # type: ignore[union-attr]
@@ -187,7 +187,8 @@ def test_every_strategy_uses_every_backend(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_every_strategy_in_a_pool(name: str) -> None:
-    pool = Pool([BackendConfig("a", Address("127.0.0.1", 1)), BackendConfig("b", Address("127.0.0.1", 2))], name)
+    pool = Pool([BackendConfig("a", Address("127.0.0.1", 1)), BackendConfig("b", Address("127.0.0.1", 2))], name,
+                make_strategy=make_strategy)
     pool.backends[0].up = False
     pool.refresh()
     assert {pool.choose(REQ, "10.0.0.%d" % i).name for i in range(20)} == {"b"}  # type: ignore[union-attr]

@@ -61,15 +61,20 @@ def forwarded_suffix(client_ip: bytes) -> bytes:
     return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nVia: %s\r\n" % (client_ip, VIA)
 
 
-def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, default_host: bytes) -> bytes:
+def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, default_host: bytes,
+                          extra: bytes = b"", remove: Optional[bytes] = None) -> bytes:
     """The request head sent to a backend: HTTP/1.1, hop-by-hop fields removed, X-Forwarded-For appended
-    to, X-Forwarded-Proto/Host replaced, Via appended to, Upgrade kept only when tunnelling."""
+    to, X-Forwarded-Proto/Host replaced, Via appended to, Upgrade kept only when tunnelling. ``extra``
+    (complete field lines, such as a request id) is appended; the field named ``remove`` (lowercase)
+    is dropped (an invalid request id the new one replaces)."""
     host = req.host
-    if not req.rewrite and host is not None:
+    if not req.rewrite and host is not None and remove is None:
         # Fast path: an HTTP/1.1 head with nothing to remove or merge.
-        return b"%sX-Forwarded-Host: %s\r\n%s\r\n" % (req.raw[:-2], host, suffix)
+        return b"%sX-Forwarded-Host: %s\r\n%s%s\r\n" % (req.raw[:-2], host, suffix, extra)
 
     drop = _REQUEST_DROP
+    if remove is not None:
+        drop = drop.union((remove,))
     if req.connection_tokens:
         drop = drop.union(req.connection_tokens).difference(_REQUEST_KEEP)
     if req.absolute:
@@ -112,7 +117,7 @@ def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, def
     if host is not None:
         out.append(b"X-Forwarded-Host: %s\r\n" % host)
     via.append(VIA)
-    out.append(b"Via: %s\r\n\r\n" % b", ".join(via))
+    out.append(b"Via: %s\r\n%s\r\n" % (b", ".join(via), extra))
     return b"".join(out)
 
 

@@ -21,7 +21,7 @@ times. ``tests/test_redos.py`` checks that with adversarial heads up to the size
 from __future__ import annotations
 
 import re
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .errors import ProtocolError
 
@@ -459,6 +459,25 @@ class _Fields:
         names, values, lnames = self._split()
         vals = [v for n, v in zip(lnames, values) if n == lname]
         return b", ".join(vals) if vals else None
+
+    def find_field(self, lname: bytes) -> Optional[bytes]:
+        """The value of the first field named ``lname`` (lowercase), found with one linear search of the
+        head, without splitting it into fields (for the access log and request ids, per request)."""
+        m = field_finder(lname).search(self.raw, self.fields_start - 2)
+        return m.group(1).strip(b" \t") if m is not None else None
+
+
+_FINDERS: Dict[bytes, "re.Pattern[bytes]"] = {}
+
+
+def field_finder(lname: bytes) -> "re.Pattern[bytes]":
+    """A pattern whose ``search`` finds the field line ``lname`` in a validated head; group 1 is the
+    value with its surrounding whitespace (strip it). Linear: a fixed literal, then one class that
+    cannot cross the line end (no nested or adjacent quantifiers over the same characters)."""
+    pat = _FINDERS.get(lname)
+    if pat is None:
+        pat = _FINDERS[lname] = re.compile(b"\r\n" + re.escape(lname) + b":([^\r\n]*)", re.IGNORECASE)
+    return pat
 
 
 def _comma_list(values: List[bytes]) -> List[bytes]:

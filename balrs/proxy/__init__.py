@@ -1,0 +1,10 @@
+"""The proxy's rooms: the client side (``client``), the upstream side (``upstream``) and the exchange
+they share (``exchange``). See docs/architecture.md for how a request flows through them."""
+
+from __future__ import annotations
+
+from .client import ClientConn
+from .exchange import Exchange, ProxyContext
+from .upstream import UPSTREAM_RECV_SIZE, UpstreamConn
+
+__all__ = ["ClientConn", "UpstreamConn", "Exchange", "ProxyContext", "UPSTREAM_RECV_SIZE"]

@@ -1,0 +1,817 @@
+"""The client side: one client connection, as a protocol on a :class:`~balrs.transport.Transport`.
+
+It reads and parses requests (``http.heads``), makes an :class:`~balrs.proxy.exchange.Exchange` for
+each, asks the pool for a backend, and hands the upstream head and body to an ``UpstreamConn`` (reused
+from the backend's idle pool, or newly connecting); the upstream side writes the response back through
+the :class:`~balrs.proxy.exchange.Downstream` methods below. Responses go out in request order: a
+pipelined request waits in the input buffer until the one before it is answered.
+
+One state variable, changed only through ``_to`` and the ``_CLIENT_NEXT`` table. One timer (the
+transport's), re-armed lazily: the state machine only stores timestamps (``idle_since``,
+``head_start``, ``last_read``, ``queued_at``) and the timer, when it fires, works out whether the
+deadline of the current state has really passed (Netty's IdleStateHandler).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Deque, List, Optional, Tuple, Union
+
+from ..accesslog import valid_request_id
+from ..http.build import client_response_head, error_response, forwarded_suffix, upstream_request_head
+from ..http.chunked import ChunkedDecoder
+from ..http.errors import ProtocolError
+from ..http.framing import BodyRelay, client_framing
+from ..http.heads import CHUNKED, LENGTH, NO_BODY, HeadBuffer, RequestHead, ResponseHead, parse_request_head
+from ..settings import CLIENT_RECV_SIZE
+from ..transport import Chunk, Protocol, Transport
+from .exchange import (
+    END_BACKEND_ERROR, END_BACKEND_TIMEOUT, END_CLIENT_ABORT, END_CLIENT_TIMEOUT, END_INTERNAL,
+    END_NO_BACKEND, END_OK, END_QUEUE_TIMEOUT, END_REJECTED, END_SHUTDOWN, END_TUNNEL, F_CONNECT_REFUSED,
+    F_CONNECT_TIMEOUT, F_INTERNAL, F_STALE, F_TIMEOUT, Exchange, ProxyContext,
+)
+from .upstream import UpstreamConn
+
+if TYPE_CHECKING:
+    import socket
+
+    from ..pool import Backend, Ticket
+
+__all__ = ["ClientConn"]
+
+log = logging.getLogger("balrs")
+
+# How long a connection that balrs closed after an error keeps reading (and discarding) what the client
+# still sends, so the kernel does not reset the connection before the client read the answer
+# (nginx lingering_timeout 5s, lingering_time 30s), and how much it discards at most.
+LINGER_TIMEOUT = 2.0
+LINGER_MAX_BYTES = 1 << 20
+
+# ---- states --------------------------------------------------------------------------------------
+C_IDLE = 0      # no request in progress (new, or between keep-alive requests): client_timeout
+C_HEAD = 1      # part of a request head has arrived: header_timeout from its first byte
+C_QUEUED = 2    # request head complete, waiting for a backend slot (every one full): queue_timeout
+C_BODY = 3      # request head sent upstream, its body still streaming from the client
+C_WAIT = 4      # request complete, response outstanding (or streaming)
+C_TUNNEL = 5    # after a 101: raw bytes both ways
+C_FLUSH = 6     # deliver what is queued, then close (an abort that keeps a truncation visible)
+C_LINGER = 7    # final bytes written (or being written); half-closed, discarding what still arrives
+C_CLOSED = 8
+
+_CLIENT_NEXT = {
+    C_IDLE: frozenset([C_HEAD, C_QUEUED, C_BODY, C_WAIT, C_FLUSH, C_LINGER, C_CLOSED]),
+    C_HEAD: frozenset([C_QUEUED, C_BODY, C_WAIT, C_FLUSH, C_LINGER, C_CLOSED]),
+    C_QUEUED: frozenset([C_IDLE, C_BODY, C_WAIT, C_FLUSH, C_LINGER, C_CLOSED]),
+    C_BODY: frozenset([C_QUEUED, C_WAIT, C_FLUSH, C_LINGER, C_CLOSED]),
+    C_WAIT: frozenset([C_IDLE, C_QUEUED, C_TUNNEL, C_FLUSH, C_LINGER, C_CLOSED]),
+    C_TUNNEL: frozenset([C_FLUSH, C_CLOSED]),
+    C_FLUSH: frozenset([C_CLOSED]),
+    C_LINGER: frozenset([C_FLUSH, C_CLOSED]),
+    C_CLOSED: frozenset(),
+}
+
+
+class ClientConn(Protocol):
+    """One client connection (see the module docstring)."""
+
+    __slots__ = (
+        "ctx", "tr", "inbuf", "client_ip", "client_ip_b", "suffix", "ex", "req_bytes", "body", "upstream",
+        "close_after", "eof", "idle_since", "head_start", "last_read", "processing", "linger_start",
+        "linger_bytes", "paused_for_pipeline", "queued_at", "ticket", "state", "__weakref__",
+    )
+
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, client_ip: str) -> None:
+        self.ctx = ctx
+        now = ctx.reactor.now
+        self.state = C_IDLE
+        self.inbuf = HeadBuffer(ctx.settings.max_header_bytes)
+        self.client_ip = client_ip
+        self.client_ip_b = client_ip.encode("ascii", "replace")
+        self.suffix = forwarded_suffix(self.client_ip_b)
+        self.ex: Optional[Exchange] = None
+        self.req_bytes = b""
+        self.body: Optional[BodyRelay] = None   # the request body in transit
+        self.upstream: Optional[UpstreamConn] = None
+        self.close_after = False
+        self.eof = False
+        self.idle_since = now
+        self.head_start = now
+        self.last_read = now
+        self.processing = False
+        self.linger_start = 0.0
+        self.linger_bytes = 0
+        self.paused_for_pipeline = False
+        self.queued_at = 0.0
+        self.ticket: Optional[Ticket] = None   # our place in the pool's queue while C_QUEUED
+        self.tr = tr = Transport(ctx.reactor, sock, self, CLIENT_RECV_SIZE)
+        tr.arm(now + ctx.settings.client_timeout)
+
+    def __repr__(self) -> str:
+        return "<ClientConn %s state=%d>" % (self.client_ip, self.state)
+
+    def _to(self, state: int) -> None:
+        if state not in _CLIENT_NEXT[self.state]:
+            raise AssertionError("client connection: no transition %d -> %d" % (self.state, state))
+        self.state = state
+
+    @property
+    def req(self) -> Optional[RequestHead]:
+        ex = self.ex
+        return ex.req if ex is not None else None
+
+    # ---- events --------------------------------------------------------------------------------
+    def internal_error(self) -> None:
+        """A bug in balrs surfaced as an exception in this connection's callback: it must cost this
+        exchange, never the loop or a hung client (asyncio's transports call _fatal_error the same way).
+        Answer 500 if no response byte was sent yet, then close; otherwise close at once."""
+        log.exception("internal error on the connection from %s", self.client_ip)
+        try:
+            up = self.upstream
+            if up is not None:
+                self.upstream = None
+                up.close()
+            ex = self.ex
+            if (ex is not None and not ex.resp_started and C_QUEUED <= self.state <= C_WAIT
+                    and not self.tr.broken):
+                self._write_error(500, END_INTERNAL)
+            else:
+                self._end(END_INTERNAL)
+                self.abort()
+        except Exception:
+            log.exception("internal error while closing the connection from %s", self.client_ip)
+            self.state = C_CLOSED
+            self.tr.close()
+            self.ctx.client_closed(self)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state <= C_HEAD:
+            try:
+                head = self.inbuf.feed(data)
+            except ProtocolError as exc:
+                self._reject(exc)
+                return
+            if head is None:
+                if state == C_IDLE:
+                    self._head_started()
+                return
+            self._start_request(head)
+            if self.state == C_IDLE:
+                self._process_input()
+        elif state == C_BODY:
+            self.last_read = self.ctx.reactor.now
+            self._body_data(data)
+        elif state == C_WAIT:
+            # Pipelined requests wait here until the response in progress is done (answers keep
+            # request order); past the limit, stop reading.
+            self.inbuf.buf += data
+            if len(self.inbuf.buf) > self.ctx.settings.pipeline_limit:
+                self.paused_for_pipeline = True
+                self.tr.pause_reading()
+        elif state == C_TUNNEL:
+            self.last_read = self.ctx.reactor.now
+            up = self.upstream
+            if up is not None:
+                up.write(data)
+        elif state == C_LINGER or state == C_FLUSH:
+            self.linger_bytes += len(data)
+            if self.linger_bytes > LINGER_MAX_BYTES:
+                self.close()
+
+    def eof_received(self, reset: bool) -> None:
+        if reset:
+            self.abort()
+            return
+        state = self.state
+        self.eof = True
+        if state == C_IDLE or state == C_HEAD or state == C_LINGER or state == C_FLUSH:
+            self.close()
+        elif state == C_BODY:
+            # The client went away in the middle of its request body: nothing can complete it.
+            self.abort()
+        elif state == C_WAIT or state == C_QUEUED:
+            # A half-close after complete requests is legal (HTTP/1.0 style, or `nc` piping pipelined
+            # requests): answer every complete request received before it, then close.
+            self.tr.pause_reading()
+        elif state == C_TUNNEL:
+            self.tr.pause_reading()
+            self.tunnel_progress()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        # EPIPE/ECONNRESET on a send: the client is gone; nothing more can be delivered.
+        self.abort()
+
+    def _head_started(self) -> None:
+        self._to(C_HEAD)
+        now = self.head_start = self.ctx.reactor.now
+        self.tr.arm(now + self.ctx.settings.header_timeout)
+
+    def _process_input(self) -> None:
+        """Start requests from buffered (pipelined) input while the connection is ready for one."""
+        if self.processing:
+            return
+        self.processing = True
+        try:
+            while self.state == C_IDLE:
+                try:
+                    head = self.inbuf.pop_head()
+                except ProtocolError as exc:
+                    self._reject(exc)
+                    return
+                if head is None:
+                    if self.eof:
+                        # The client has finished sending: a partial head can never complete.
+                        self.close()
+                    elif self.inbuf.buf:
+                        self._head_started()
+                    return
+                self._start_request(head)
+        finally:
+            self.processing = False
+
+    # ---- requests ------------------------------------------------------------------------------
+    def _start_request(self, head: bytes) -> None:
+        ctx = self.ctx
+        settings = ctx.settings
+        now = ctx.reactor.now
+        try:
+            req = parse_request_head(head)
+            if req.method == b"CONNECT":
+                # A reverse proxy does not open tunnels to arbitrary hosts.
+                raise ProtocolError(501, "CONNECT is not supported")
+            if req.framing == LENGTH and settings.max_body_bytes and req.length > settings.max_body_bytes:
+                raise ProtocolError(413, "Content-Length %d over max_body_bytes" % req.length)
+        except ProtocolError as exc:
+            self.ex = Exchange(None, self.client_ip, now, time.time() if ctx.log_line else 0.0, len(head))
+            self._reject(exc)
+            return
+        self.ex = ex = Exchange(req, self.client_ip, now, time.time() if ctx.log_line else 0.0, len(head))
+        self.close_after = not req.keep_alive or ctx.draining
+        if settings.request_id:
+            self._request_id(ex, req)
+        if req.framing == NO_BODY or (req.framing == LENGTH and req.length == 0):
+            ex.request_done = True
+            self._to(C_WAIT)
+            self.body = None
+        else:
+            self._to(C_BODY)
+            self.last_read = now
+            self.tr.arm_later(now + settings.body_timeout)
+            self.body = (BodyRelay(CHUNKED, CHUNKED, 0,
+                                   ChunkedDecoder(settings.max_body_bytes, settings.max_header_bytes, 400))
+                         if req.framing == CHUNKED else BodyRelay(LENGTH, LENGTH, req.length))
+        pool = ctx.pool
+        backend = pool.choose(req, self.client_ip)
+        if backend is None:
+            if pool.all_full():
+                self._enqueue()
+            else:
+                # No backend is up (health checks, ejections, or none configured).
+                self._reply_error(503, END_NO_BACKEND)
+            return
+        self._dispatch(backend)
+
+    def _request_id(self, ex: Exchange, req: RequestHead) -> None:
+        """Keep the client's request id if it is valid, else make one; it goes upstream and back."""
+        settings = self.ctx.settings
+        got = req.find_field(settings.request_id)
+        if got is not None and valid_request_id(got):
+            ex.request_id = got
+            return
+        make = self.ctx.request_ids
+        assert make is not None
+        ex.request_id = make()
+
+    def _dispatch(self, backend: Backend) -> None:
+        """Send the request to ``backend``: over an idle pooled connection if it has one."""
+        ex = self.ex
+        assert ex is not None
+        req = ex.req
+        assert req is not None
+        rid = ex.request_id
+        if rid is None:
+            data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
+        else:
+            settings = self.ctx.settings
+            kept = req.find_field(settings.request_id) == rid
+            data = upstream_request_head(
+                req, self.client_ip_b, self.suffix, backend.host_header,
+                b"" if kept else b"%s: %s\r\n" % (settings.request_id_field, rid),
+                None if kept or req.find_field(settings.request_id) is None else settings.request_id)
+        self.req_bytes = data
+        up = backend.idle.take()
+        if up is not None:
+            self.upstream = up
+            up.send_request(ex, self, data)
+        else:
+            self._send_to(backend, data, len(data), True)
+        if self.state == C_BODY and self.inbuf.buf:
+            self._body_data(self.inbuf.take())
+
+    def _enqueue(self) -> None:
+        """Every eligible backend is at max_connections: wait for a slot (FIFO), up to queue_timeout.
+        Reading pauses meanwhile: a body stays in the kernel's buffers, not ours."""
+        now = self.queued_at = self.ctx.reactor.now
+        self._to(C_QUEUED)
+        self.ticket = self.ctx.pool.enqueue(self)
+        self.tr.pause_reading()
+        self.tr.arm(now + self.ctx.settings.queue_timeout)
+
+    def dequeue(self) -> bool:
+        """Called by the pool when a backend slot may be free: take it if so. Returns False when this
+        request must keep waiting."""
+        ex = self.ex
+        if self.state != C_QUEUED or ex is None or ex.req is None:
+            return True
+        backend = self.ctx.pool.choose(ex.req, self.client_ip)
+        if backend is None:
+            return False
+        self.queued_at = 0.0
+        self.ticket = None
+        body = self.body
+        if body is not None and not body.done:
+            self._to(C_BODY)
+        else:
+            self._to(C_WAIT)
+        self._dispatch(backend)
+        if self.state == C_BODY:
+            self.resume_for_upstream()
+        elif self.state == C_WAIT and not self.paused_for_pipeline:
+            self.tr.resume_reading()
+        return True
+
+    def _leave_queue(self) -> None:
+        ticket = self.ticket
+        if ticket is not None:
+            self.ticket = None
+            self.queued_at = 0.0
+            self.ctx.pool.leave_queue(ticket)
+
+    def _send_to(self, backend: Backend, pending: Union[bytes, Deque[Chunk]], nbytes: int, fresh: bool) -> None:
+        """Hand the request (its bytes so far) to a connection to ``backend``: a new one if ``fresh``,
+        else an idle pooled one if there is one."""
+        ex = self.ex
+        assert ex is not None
+        if not fresh:
+            idle_up = backend.idle.take()
+            if idle_up is not None:
+                self.upstream = idle_up
+                idle_up.send_request(ex, self, pending if isinstance(pending, bytes) else b"".join(pending))
+                return
+        try:
+            up = UpstreamConn(self.ctx, backend)
+        except OSError as exc:
+            # No socket for it (EMFILE...): nothing was sent; answer now.
+            log.error("backend %s: cannot open a connection: %s", backend.name, exc)
+            self._reply_error(502, END_BACKEND_ERROR)
+            return
+        self.upstream = up
+        up.attach(ex, self, pending, nbytes)
+
+    def _body_data(self, data: bytes) -> None:
+        """Request body bytes from the client: frame them for upstream; keep what follows the body."""
+        body = self.body
+        ex = self.ex
+        assert body is not None and ex is not None
+        parts: List[Chunk] = []
+        try:
+            used = body.feed(data, parts)
+        except ProtocolError as exc:
+            self._request_body_error(exc)
+            return
+        ex.bytes_in += used
+        up = self.upstream
+        if up is not None and parts:
+            up.write_body(parts[0] if len(parts) == 1 else b"".join(parts))
+            if self.state != C_BODY:
+                return
+        if not body.done:
+            return
+        # The request is complete: from now on a response is due (backend_timeout).
+        if used < len(data):
+            self.inbuf.buf += data[used:]
+        self.body = None
+        ex.request_done = True
+        self._to(C_WAIT)
+        if up is not None:
+            up.request_sent()
+        else:
+            # The response already came and went (the backend answered early): no keep-alive.
+            self.close_after = True
+        if len(self.inbuf.buf) > self.ctx.settings.pipeline_limit:
+            self.paused_for_pipeline = True
+            self.tr.pause_reading()
+
+    def _request_body_error(self, exc: ProtocolError) -> None:
+        """The client's chunked body is malformed (or too large) mid-stream."""
+        log.debug("client %s: bad request body: %s", self.client_ip, exc)
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.close()
+        ex = self.ex
+        if ex is not None and ex.resp_started:
+            self._end(END_REJECTED)
+            self.abort()
+        else:
+            self._write_error(exc.status, END_REJECTED)
+
+    # ---- Downstream: what the upstream side calls ----------------------------------------------------
+    def write(self, data: Chunk) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.bytes_out += len(data)
+        self.tr.write(data)
+
+    def write_parts(self, parts: List[Chunk]) -> None:
+        if len(parts) == 1:
+            self.write(parts[0])
+        elif parts:
+            self.write(b"".join(parts))
+
+    def response_head(self, resp: ResponseHead) -> Tuple[bytes, int]:
+        """The client-side head for a final response, and the framing of the body sent to the client."""
+        ex = self.ex
+        assert ex is not None and ex.req is not None
+        minor = ex.req.minor
+        framing, close = client_framing(resp.framing, minor)
+        if close:
+            self.close_after = True
+        if not ex.request_done or self.ctx.draining:
+            # A final answer before the whole request arrived: the connection cannot be reused.
+            self.close_after = True
+        ex.resp_started = True
+        ex.status = resp.status
+        head = client_response_head(resp, framing, self.close_after, minor)
+        if ex.request_id is not None:
+            head = self._with_request_id(head)
+        return head, framing
+
+    def _with_request_id(self, head: bytes) -> bytes:
+        ex = self.ex
+        assert ex is not None and ex.request_id is not None
+        return b"%s%s: %s\r\n\r\n" % (head[:-2], self.ctx.settings.request_id_field, ex.request_id)
+
+    def interim_response(self, head: bytes) -> None:
+        """A 1xx other than 101: RFC 9110 §15.2 has proxies forward it, except to HTTP/1.0 clients."""
+        req = self.req
+        if req is not None and req.minor == 1:
+            self.write(head)
+
+    def response_done(self) -> None:
+        """The last byte of the response is in our queue (and the upstream let go of us)."""
+        self.upstream = None
+        ex = self.ex
+        if ex is not None:
+            self.ex = None
+            self.ctx.finish(ex, END_OK)
+        self._next_request()
+
+    def _next_request(self) -> None:
+        state = self.state
+        if state >= C_TUNNEL:
+            return
+        if state == C_BODY or (state == C_QUEUED and self.body is not None and not self.body.done):
+            # The request body is still coming: nothing can follow on this connection.
+            self._finish(True)
+            return
+        if self.close_after or (self.eof and not self.inbuf.buf):
+            self._finish(False)
+            return
+        self._to(C_IDLE)
+        self.body = None
+        now = self.idle_since = self.ctx.reactor.now
+        tr = self.tr
+        tr.arm_later(now + self.ctx.settings.client_timeout)
+        if self.paused_for_pipeline or not tr.reading:
+            self.paused_for_pipeline = False
+            if not self.eof:
+                tr.resume_reading()
+        if self.inbuf.buf:
+            self._process_input()
+
+    def start_tunnel(self, data: bytes) -> None:
+        """The backend switched protocols: from now on bytes flow both ways untouched."""
+        self._to(C_TUNNEL)
+        now = self.last_read = self.ctx.reactor.now
+        self.write(data)
+        up = self.upstream
+        if self.inbuf.buf and up is not None:
+            up.write(self.inbuf.take())
+        if self.paused_for_pipeline:
+            self.paused_for_pipeline = False
+            if not self.eof:
+                self.tr.resume_reading()
+        self.tr.arm(now + self.ctx.settings.tunnel_timeout)
+
+    def upstream_failed(self, why: int, pending: Optional[Deque[Chunk]], nbytes: int) -> None:
+        """The upstream connection failed (it has closed itself and released its backend slot)."""
+        up = self.upstream
+        self.upstream = None
+        ex = self.ex
+        if ex is None or ex.req is None or self.state >= C_TUNNEL:
+            self.abort()
+            return
+        if ex.resp_started:
+            # The head is out: the only honest signal left is to close without completing the body.
+            self._end(END_BACKEND_TIMEOUT if why == F_TIMEOUT else END_BACKEND_ERROR)
+            self.abort_after_flush()
+            return
+        req = ex.req
+        backend = up.backend if up is not None else ex.be
+        assert backend is not None
+        if why == F_CONNECT_REFUSED or why == F_CONNECT_TIMEOUT:
+            if pending is not None and ex.addr_retries < len(backend.addrs) - 1 and backend.next_address():
+                # A host name with several addresses: the next one first (it does not count as a retry).
+                ex.addr_retries += 1
+                log.info("backend %s: trying its next address %s", backend.name, backend.sockaddr[0])
+                self._send_to(backend, pending, nbytes, True)
+                return
+            # Nothing reached a backend: the unsent bytes can go to another one.
+            tried = ex.tried
+            if tried is None:
+                tried = ex.tried = []
+            tried.append(backend)
+            if why == F_CONNECT_TIMEOUT:
+                ex.timeouts += 1
+            if len(tried) <= self.ctx.settings.retries:
+                other = self.ctx.pool.choose(req, self.client_ip, tried)
+                if other is not None and pending is not None:
+                    log.info("connect to %s failed, retrying on %s", backend.name, other.name)
+                    ex.retries += 1
+                    self._send_to(other, pending, nbytes, False)
+                    return
+            # RFC 9110 §15.6.5: every try timed out -> 504; otherwise nothing could be connected -> 502.
+            if ex.timeouts == len(tried):
+                self._reply_error(504, END_BACKEND_TIMEOUT)
+            else:
+                self._reply_error(502, END_BACKEND_ERROR)
+        elif why == F_STALE and req.idempotent and req.framing == NO_BODY:
+            # A pooled connection the backend had already closed: resend on a fresh one.
+            self._send_to(backend, self.req_bytes, len(self.req_bytes), True)
+        elif why == F_TIMEOUT:
+            self._reply_error(504, END_BACKEND_TIMEOUT)
+        elif why == F_INTERNAL:
+            self._reply_error(500, END_INTERNAL)
+        else:
+            self._reply_error(502, END_BACKEND_ERROR)
+
+    # ---- answers balrs makes itself ---------------------------------------------------------------
+    def _reject(self, exc: ProtocolError) -> None:
+        """A request balrs refuses before it goes anywhere: answer and close (its framing is unknown)."""
+        log.debug("client %s: %s", self.client_ip, exc)
+        if self.ex is None:
+            self.ex = Exchange(None, self.client_ip, self.ctx.reactor.now,
+                               time.time() if self.ctx.log_line else 0.0, len(self.inbuf.buf))
+        self._write_error(exc.status, END_REJECTED)
+
+    def _error_bytes(self, status: int, close: bool) -> bytes:
+        ex = self.ex
+        req = ex.req if ex is not None else None
+        data = error_response(status, close, req is not None and req.method == b"HEAD")
+        if ex is not None:
+            ex.status = status
+            ex.resp_started = True
+            if ex.request_id is not None:
+                i = data.index(b"\r\n") + 2
+                data = b"%s%s: %s\r\n%s" % (data[:i], self.ctx.settings.request_id_field, ex.request_id, data[i:])
+        return data
+
+    def _write_error(self, status: int, end: str) -> None:
+        """An error answer after which the connection closes (lingering)."""
+        self.write(self._error_bytes(status, True))
+        self._end(end)
+        self._finish(True)
+
+    def _reply_error(self, status: int, end: str) -> None:
+        """An error answer to a parsed request (no backend, 502, 504). The connection stays usable when
+        the whole request was read and the client wants keep-alive."""
+        ex = self.ex
+        if ex is not None and not ex.request_done:
+            self.close_after = True
+        self.write(self._error_bytes(status, self.close_after))
+        self.upstream = None
+        self._end(end)
+        self._next_request()
+
+    def _end(self, end: str) -> None:
+        ex = self.ex
+        if ex is not None:
+            self.ex = None
+            self.ctx.finish(ex, end)
+
+    # ---- flow control --------------------------------------------------------------------------
+    def write_queued(self) -> None:
+        self.tr.arm_later(self.ctx.reactor.now + self.ctx.settings.send_timeout)
+
+    def pause_for_upstream(self) -> None:
+        """The upstream's queue is full: stop reading body (or tunnel) bytes from the client."""
+        self.tr.pause_reading()
+
+    def resume_for_upstream(self) -> None:
+        state = self.state
+        tr = self.tr
+        if (state == C_BODY or state == C_TUNNEL) and not tr.reading and not self.eof:
+            # Not reading was our choice, not the client's silence: its clock restarts now.
+            now = self.last_read = self.ctx.reactor.now
+            tr.resume_reading()
+            if state == C_BODY:
+                tr.arm(now + self.ctx.settings.body_timeout)
+
+    def pause_writing(self) -> None:
+        up = self.upstream
+        if up is not None:
+            up.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.upstream
+        if up is not None:
+            up.resume_reading()
+
+    def write_drained(self) -> None:
+        state = self.state
+        if state == C_LINGER:
+            self._shutdown_write()
+        elif state == C_FLUSH:
+            self.close()
+        elif state == C_TUNNEL:
+            self.tunnel_progress()
+        else:
+            self.resume_writing()
+
+    # ---- timers --------------------------------------------------------------------------------
+    def timer_fired(self) -> None:
+        settings = self.ctx.settings
+        now = self.ctx.reactor.now
+        state = self.state
+        tr = self.tr
+        if state == C_IDLE:
+            deadline = self.idle_since + settings.client_timeout
+            if now >= deadline:
+                # RFC 9112 §9.3: an idle connection may be closed at any time; silently.
+                self.close()
+                return
+        elif state == C_HEAD:
+            deadline = self.head_start + settings.header_timeout
+            if now >= deadline:
+                if self.ex is None:
+                    self.ex = Exchange(None, self.client_ip, now, time.time() if self.ctx.log_line else 0.0,
+                                       len(self.inbuf.buf))
+                self._write_error(408, END_CLIENT_TIMEOUT)
+                return
+        elif state == C_QUEUED:
+            deadline = self.queued_at + settings.queue_timeout
+            if now >= deadline:
+                # HAProxy answers 503 when `timeout queue` expires.
+                self._leave_queue()
+                self._reply_error(503, END_QUEUE_TIMEOUT)
+                return
+        elif state == C_BODY:
+            if tr.reading:
+                # The client went quiet in the middle of its request body (nginx client_body_timeout).
+                deadline = self.last_read + settings.body_timeout
+                if now >= deadline:
+                    ex = self.ex
+                    if ex is not None and ex.resp_started:
+                        self._end(END_CLIENT_TIMEOUT)
+                        self.abort()
+                    else:
+                        up = self.upstream
+                        if up is not None:
+                            self.upstream = None
+                            up.close()
+                        self._write_error(408, END_CLIENT_TIMEOUT)
+                    return
+            else:
+                # Paused by backpressure: the upstream's timer watches the backend meanwhile.
+                deadline = now + settings.check_interval
+        elif state == C_WAIT:
+            if tr.out_bytes:
+                # The client stopped reading its response (nginx send_timeout).
+                deadline = tr.last_write + settings.send_timeout
+                if now >= deadline:
+                    self._end(END_CLIENT_TIMEOUT)
+                    self.abort()
+                    return
+            else:
+                deadline = now + settings.check_interval
+        elif state == C_TUNNEL:
+            last = max(self.last_read, tr.last_write)
+            up = self.upstream
+            if up is not None:
+                last = max(last, up.last_active)
+            deadline = last + settings.tunnel_timeout
+            if now >= deadline:
+                self.abort()
+                return
+        elif state == C_LINGER or state == C_FLUSH:
+            if tr.out_bytes:
+                deadline = tr.last_write + settings.send_timeout
+            elif state == C_LINGER:
+                deadline = self.linger_start + LINGER_TIMEOUT
+            else:
+                deadline = now
+            if now >= deadline:
+                self.close()
+                return
+        else:
+            return
+        tr.arm(deadline)
+
+    # ---- closing -------------------------------------------------------------------------------
+    def _finish(self, linger: bool) -> None:
+        """Close once the queued bytes are out. With ``linger``, half-close first and keep discarding
+        what the client still sends for a while, so our answer is not lost to a reset."""
+        if self.state == C_CLOSED:
+            return
+        self._leave_queue()
+        self._to(C_LINGER if linger else C_FLUSH)
+        self.linger_start = self.ctx.reactor.now
+        self.paused_for_pipeline = False
+        tr = self.tr
+        if linger and not tr.reading and not self.eof:
+            tr.resume_reading()
+        if not tr.out_bytes:
+            self._shutdown_write()
+        else:
+            tr.arm(self.linger_start + self.ctx.settings.send_timeout)
+
+    def _shutdown_write(self) -> None:
+        """The last byte is out: close, or half-close and linger."""
+        if self.state != C_LINGER or self.eof:
+            self.close()
+            return
+        self.tr.shutdown_write()
+        self.linger_start = self.ctx.reactor.now
+        self.tr.arm(self.linger_start + LINGER_TIMEOUT)
+
+    def abort_after_flush(self) -> None:
+        """Stop everything; deliver what is queued, then close (a truncated response stays visibly
+        truncated: no more bytes, no final chunk)."""
+        state = self.state
+        if state == C_CLOSED:
+            return
+        self._end(END_TUNNEL if state == C_TUNNEL else END_BACKEND_ERROR)
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.close()
+        if state != C_FLUSH:
+            self._leave_queue()
+            self._to(C_FLUSH)
+        self.linger_start = self.ctx.reactor.now
+        tr = self.tr
+        if not tr.out_bytes:
+            self.close()
+        else:
+            tr.pause_reading()
+            tr.arm(self.linger_start + self.ctx.settings.send_timeout)
+
+    def tunnel_progress(self) -> None:
+        """After an end-of-stream or a drained queue in a tunnel: pass each side's FIN on once what it
+        sent is delivered (half-close), and close both when both are done."""
+        up = self.upstream
+        if up is None:
+            self.abort_after_flush()
+            return
+        tr = self.tr
+        if up.peer_eof and not tr.out_bytes:
+            tr.shutdown_write()
+        if self.eof and not up.queued:
+            up.shutdown_write()
+        if self.eof and up.peer_eof and not tr.out_bytes and not up.queued:
+            self._end(END_TUNNEL)
+            self.close()
+        else:
+            self.resume_writing()
+
+    def drain(self) -> None:
+        """Graceful stop: an idle connection closes now; one with a request in progress closes after
+        its response (which says ``Connection: close`` if its head is not out yet)."""
+        state = self.state
+        if state == C_IDLE or state == C_HEAD:
+            self.close()
+        elif C_QUEUED <= state <= C_WAIT:
+            self.close_after = True
+
+    def abort(self) -> None:
+        """Close both sides now (one fatal-error path: STYLE habit 9)."""
+        self.close()
+
+    def close(self) -> None:
+        if self.state == C_CLOSED:
+            return
+        self._leave_queue()
+        self._to(C_CLOSED)
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.close()
+        ex = self.ex
+        if ex is not None:
+            self.ex = None
+            self.ctx.finish(ex, END_TUNNEL if ex.status == 101 else
+                            END_SHUTDOWN if self.ctx.draining else END_CLIENT_ABORT)
+        self.tr.close()
+        self.ctx.client_closed(self)

@@ -1,0 +1,519 @@
+"""The upstream side: one connection to a backend, as a protocol on a :class:`~balrs.transport.Transport`.
+
+It sends a request (head, then body bytes as the client side hands them over), parses the response,
+frames its body for the client (``http.framing``), then goes back to its backend's idle pool or
+closes. One state variable, changed only through ``_to`` and the ``_UPSTREAM_NEXT`` table; one timer
+(the transport's), re-armed lazily: the timer works out which deadline of the current state passed.
+It knows the client side only as the exchange's :class:`~balrs.proxy.exchange.Downstream`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+from typing import TYPE_CHECKING, Deque, List, Optional, Union
+
+from ..http.build import client_response_head
+from ..http.chunked import ChunkedDecoder
+from ..http.errors import ProtocolError
+from ..http.framing import BodyRelay
+from ..http.heads import (
+    CHUNKED, CLOSE_DELIMITED, LENGTH, NO_BODY, RESPONSE, HeadBuffer, ResponseHead,
+    parse_response_head,
+)
+from ..transport import Chunk, Protocol, connect
+from .exchange import (
+    F_BROKEN, F_CONNECT_REFUSED, F_CONNECT_TIMEOUT, F_INTERNAL, F_STALE, F_TIMEOUT, Downstream, Exchange,
+    ProxyContext,
+)
+
+if TYPE_CHECKING:
+    from ..pool import Backend
+
+__all__ = ["UpstreamConn", "UPSTREAM_RECV_SIZE", "POOL_IDLE_TIMEOUT", "readable_poll"]
+
+log = logging.getLogger("balrs")
+
+# Bytes read per recv() from a backend. recv(n) allocates n bytes first; at 128 KiB and above glibc's
+# malloc maps and unmaps fresh pages for every read (measured: ~30 us per recv instead of ~5), so reads
+# stay below its mmap threshold.
+UPSTREAM_RECV_SIZE = 65536
+# Idle pooled connections are closed after this long unused (nginx keepalive_timeout 60s; HAProxy
+# pool-purge-delay 5s). How many a backend keeps: connpool.POOL_MAX_IDLE.
+POOL_IDLE_TIMEOUT = 30.0
+
+# ---- states --------------------------------------------------------------------------------------
+U_CONNECTING = 0  # non-blocking connect in progress: connect_timeout
+U_HEAD = 1        # request (being) sent, waiting for the response head: backend_timeout of silence
+U_BODY = 2        # relaying the response body: backend_timeout of silence
+U_IDLE = 3        # in its backend's idle pool
+U_TUNNEL = 4      # after a 101
+U_CLOSED = 5
+
+_UPSTREAM_NEXT = {
+    U_CONNECTING: frozenset([U_HEAD, U_CLOSED]),
+    U_HEAD: frozenset([U_BODY, U_IDLE, U_TUNNEL, U_CLOSED]),
+    U_BODY: frozenset([U_IDLE, U_CLOSED]),
+    U_IDLE: frozenset([U_HEAD, U_CLOSED]),
+    U_TUNNEL: frozenset([U_CLOSED]),
+    U_CLOSED: frozenset(),
+}
+
+
+def readable_poll(fd: int) -> select.poll:
+    """A poll object watching ``fd`` for anything to read (bytes, FIN or reset), for a no-wait check."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return p
+
+
+class UpstreamConn(Protocol):
+    """One connection to a backend (see the module docstring)."""
+
+    __slots__ = (
+        "ctx", "tr", "backend", "ex", "down", "hbuf", "body", "keep", "reused", "got_bytes", "last_active",
+        "connect_start", "head_request", "idle_since", "peer_eof", "sent_at", "read_full", "peek_poll",
+        "state", "__weakref__",
+    )
+
+    # A backend may answer early and close its reading side: keep reading what it sent.
+    read_after_write_error = True
+
+    def __init__(self, ctx: ProxyContext, backend: Backend) -> None:
+        """Start connecting to ``backend``. Raises OSError when no socket can be made (EMFILE)."""
+        self.ctx = ctx
+        now = ctx.reactor.now
+        self.backend = backend
+        self.ex: Optional[Exchange] = None
+        self.down: Optional[Downstream] = None
+        self.hbuf = HeadBuffer(ctx.settings.max_response_head, RESPONSE)
+        self.body: Optional[BodyRelay] = None
+        self.keep = True
+        self.reused = False
+        self.got_bytes = False
+        self.last_active = now
+        self.connect_start = now
+        self.head_request = False
+        self.idle_since = now
+        self.peer_eof = False
+        self.sent_at = now
+        self.read_full = False   # the last recv() filled its buffer: more bytes may be waiting
+        self.state = U_CONNECTING
+        self.tr = tr = connect(ctx.reactor, backend.family, backend.sockaddr, self, UPSTREAM_RECV_SIZE)
+        self.peek_poll = readable_poll(tr.fd)  # see clean()
+        tr.arm(now + ctx.settings.connect_timeout)
+
+    def __repr__(self) -> str:
+        return "<UpstreamConn %s state=%d>" % (self.backend.name, self.state)
+
+    def _to(self, state: int) -> None:
+        if state not in _UPSTREAM_NEXT[self.state]:
+            raise AssertionError("upstream connection: no transition %d -> %d" % (self.state, state))
+        self.state = state
+
+    # ---- taking a request on -------------------------------------------------------------------------
+    def _take(self, ex: Exchange, down: Downstream) -> None:
+        self.ex = ex
+        self.down = down
+        pool = self.ctx.pool
+        ex.take(pool, self.backend)
+        req = ex.req
+        self.head_request = req is not None and req.method == b"HEAD"
+        self.last_active = self.sent_at = self.ctx.reactor.now
+
+    def attach(self, ex: Exchange, down: Downstream, pending: Union[bytes, Deque[Chunk]], nbytes: int) -> None:
+        """Take on a request while connecting: ``pending`` holds its bytes so far (the head, or after a
+        failed connect everything that connection did not send)."""
+        self._take(ex, down)
+        self.tr.queue(pending, nbytes)
+
+    def send_request(self, ex: Exchange, down: Downstream, data: bytes) -> None:
+        """Take on a request on this idle pooled connection, and send its head now."""
+        self._take(ex, down)
+        self.got_bytes = False
+        self.keep = True
+        self.body = None
+        self.reused = True
+        self._to(U_HEAD)
+        ex.t_connected = self.sent_at
+        self.tr.arm(self.sent_at + self.ctx.settings.backend_timeout)
+        self.tr.write(data)
+
+    def write_body(self, data: Chunk) -> None:
+        """Request body bytes; they also count as activity on this exchange."""
+        self.last_active = self.ctx.reactor.now
+        state = self.state
+        if state == U_CONNECTING or state == U_HEAD or state == U_BODY:
+            self.tr.write(data)
+        # After the response (or a failure) further body bytes have nowhere to go.
+
+    def request_sent(self) -> None:
+        """The client's request is complete: a response is due from now on (backend_timeout)."""
+        now = self.last_active = self.ctx.reactor.now
+        self.tr.arm(now + self.ctx.settings.backend_timeout)
+
+    def _detach(self) -> Optional[Downstream]:
+        """Let go of the exchange (its backend slot frees)."""
+        down = self.down
+        ex = self.ex
+        if ex is not None:
+            self.ex = None
+            self.down = None
+            ex.release()
+        return down
+
+    # ---- connecting ------------------------------------------------------------------------------
+    def connection_made(self) -> None:
+        self._to(U_HEAD)
+        now = self.last_active = self.ctx.reactor.now
+        ex = self.ex
+        if ex is not None:
+            ex.t_connected = now
+        self.tr.arm(now + self.ctx.settings.backend_timeout)
+
+    def connect_failed(self, err: int) -> None:
+        self._connect_failed(F_CONNECT_REFUSED, err)
+
+    def _connect_failed(self, why: int, err: int) -> None:
+        backend = self.backend
+        backend.record_failure()
+        self.ctx.outliers.failure(backend, "connect")
+        log.warning("backend %s (%s): connect failed: %s", backend.name, backend.config.address,
+                    "timed out" if why == F_CONNECT_TIMEOUT else errno.errorcode.get(err, str(err)))
+        down = self._detach()
+        # The unsent bytes go back with the failure, so that they can go to another backend.
+        pending, nbytes = self.tr.take_queue()
+        self._to(U_CLOSED)
+        self.tr.close()
+        if down is not None:
+            down.upstream_failed(why, pending, nbytes)
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.read_full = len(data) == UPSTREAM_RECV_SIZE
+        state = self.state
+        self.last_active = self.ctx.reactor.now
+        if state == U_BODY:
+            parts: List[Chunk] = []
+            body = self.body
+            assert body is not None
+            try:
+                used = body.feed(data, parts)
+            except ProtocolError as exc:
+                self._broken_body(exc)
+                return
+            down = self.down
+            if down is not None and parts:
+                down.write_parts(parts)
+            if body.done:
+                if used < len(data):
+                    self.keep = False  # more bytes than the body: do not trust this connection again
+                self._response_complete()
+        elif state == U_HEAD:
+            self._head_data(data)
+        elif state == U_TUNNEL:
+            down = self.down
+            if down is not None:
+                down.write(data)
+        else:
+            # Bytes on an idle pooled connection: the backend broke the protocol. Never reuse it.
+            self.close()
+
+    def _head_data(self, data: bytes) -> None:
+        down = self.down
+        ex = self.ex
+        if down is None or ex is None:
+            self.close()
+            return
+        self.got_bytes = True
+        while True:
+            try:
+                split = self.hbuf.split(data)
+                if split is None:
+                    return
+                head, rest = split
+                resp = parse_response_head(head, self.head_request)
+            except ProtocolError as exc:
+                self._fail(F_BROKEN, str(exc))
+                return
+            status = resp.status
+            if status >= 200:
+                break
+            if status == 101:
+                req = ex.req
+                if req is None or req.upgrade is None or not ex.request_done:
+                    self._fail(F_BROKEN, "101 Switching Protocols to a request that did not ask to upgrade")
+                    return
+                self._start_tunnel(ex, down, resp, rest)
+                return
+            down.interim_response(head)
+            if not rest:
+                return
+            data = rest
+        backend = self.backend
+        now = ex.t_response = self.ctx.reactor.now
+        backend.observe(now - self.sent_at, now, status)
+        if backend.consecutive_errors:
+            self.ctx.outliers.success(backend)
+        if not resp.keep_alive:
+            self.keep = False
+        left = resp.length - len(rest)
+        if (resp.framing == LENGTH and not resp.rewrite and left >= 0 and ex.request_done
+                and not down.close_after and len(head) + len(rest) == len(data) and not self.ctx.draining):
+            req = ex.req
+            if req is not None and req.minor == 1 and ex.request_id is None:
+                # The common case, kept to a minimum of work: an HTTP/1.1 Content-Length response with
+                # nothing to rewrite, for a keep-alive HTTP/1.1 client. The head goes out as received,
+                # together with the body bytes of this read, in one send.
+                ex.resp_started = True
+                ex.status = status
+                down.write(data)
+                if left:
+                    self.body = BodyRelay(LENGTH, LENGTH, left)
+                    self._to(U_BODY)
+                else:
+                    self._response_complete()
+                return
+        client_head, out_framing = down.response_head(resp)
+        framing = resp.framing
+        if framing == NO_BODY:
+            if rest:
+                self.keep = False  # bytes after a bodiless response: the backend is confused
+            down.write(client_head)
+            self._response_complete()
+            return
+        self._to(U_BODY)
+        self.body = body = BodyRelay(
+            framing, out_framing, resp.length,
+            ChunkedDecoder(0, self.ctx.settings.max_response_head, 502) if framing == CHUNKED else None)
+        parts: List[Chunk] = [client_head]
+        if rest:
+            try:
+                used = body.feed(rest, parts)
+            except ProtocolError as exc:
+                down.write(client_head)
+                self._broken_body(exc)
+                return
+            if body.done and used < len(rest):
+                self.keep = False
+        down.write_parts(parts)
+        if body.done:
+            self._response_complete()
+
+    def _response_complete(self) -> None:
+        ex = self.ex
+        request_done = ex is not None and ex.request_done
+        down = self._detach()
+        self.body = None
+        backend = self.backend
+        ctx = self.ctx
+        if (self.keep and request_done and not self.tr.out_bytes and self.state != U_CLOSED
+                and not ctx.draining and not backend.draining
+                and (not self.read_full or self.clean()) and backend.idle.put(self, self.peek_poll)):
+            # Back to the pool: the request went out whole and the response came in whole. (A read that
+            # did not fill its buffer took everything the kernel had, so bytes after the response would
+            # have been in it; after a full one, look: a response may end exactly on a read boundary.)
+            self._to(U_IDLE)
+            now = self.idle_since = ctx.reactor.now
+            tr = self.tr
+            if not tr.reading:
+                tr.resume_reading()
+            tr.arm(now + POOL_IDLE_TIMEOUT)
+        else:
+            self.close()
+        if down is not None:
+            down.response_done()
+
+    def clean(self) -> bool:
+        """True when nothing waits to be read on this connection: no surplus bytes after the response,
+        no FIN or reset from the backend. One poll(2) with no timeout on a poll object of this
+        connection's own (a MSG_PEEK recv would raise BlockingIOError, several times the cost)."""
+        return not self.peek_poll.poll(0)
+
+    # ---- failures ------------------------------------------------------------------------------
+    def eof_received(self, reset: bool) -> None:
+        state = self.state
+        body = self.body
+        if state == U_BODY and body is not None and body.framing == CLOSE_DELIMITED and not reset:
+            # RFC 9112 §6.3 step 8: the close ends the body.
+            parts: List[Chunk] = []
+            body.end_of_stream(parts)
+            down = self.down
+            if down is not None and parts:
+                down.write_parts(parts)
+            self.keep = False
+            self._response_complete()
+            return
+        if state == U_HEAD:
+            if self.reused and not self.got_bytes:
+                self._fail(F_STALE, None)
+            else:
+                self._fail(F_BROKEN, "closed before a complete response head")
+            return
+        if state == U_BODY:
+            self._fail(F_BROKEN, "closed in the middle of the response body")
+            return
+        if state == U_TUNNEL:
+            self.peer_eof = True
+            self.tr.pause_reading()
+            down = self.down
+            if down is None:
+                self.close()
+            elif reset:
+                down.abort_after_flush()
+            else:
+                down.tunnel_progress()
+            return
+        self.close()
+
+    def _broken_body(self, exc: ProtocolError) -> None:
+        self._fail(F_BROKEN, "bad response body: %s" % exc.message)
+
+    def _fail(self, why: int, message: Optional[str]) -> None:
+        if self.state == U_CLOSED:
+            return
+        backend = self.backend
+        if why != F_STALE and why != F_INTERNAL:
+            backend.record_failure()
+            self.ctx.outliers.failure(backend, "timeout" if why == F_TIMEOUT else "reset")
+            log.warning("backend %s: %s", backend.name,
+                        message or ("timed out after %gs" % self.ctx.settings.backend_timeout))
+        down = self._detach()
+        self._to(U_CLOSED)
+        self.tr.close()
+        if down is not None:
+            down.upstream_failed(why, None, 0)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        """A send failed (the backend stopped reading: it may have answered early and closed). Reading
+        goes on; the read side decides how the exchange ends, except in two cases."""
+        state = self.state
+        if state == U_CONNECTING:
+            self._connect_failed(F_CONNECT_REFUSED, getattr(exc, "errno", None) or errno.ECONNREFUSED)
+        elif state == U_TUNNEL:
+            down = self.down
+            if down is not None:
+                down.abort_after_flush()
+            else:
+                self.close()
+        elif state == U_HEAD and self.reused and not self.got_bytes:
+            # The pooled connection was already closed by the backend (RST): resend elsewhere.
+            self._fail(F_STALE, None)
+        else:
+            self.resume_writing()
+
+    def internal_error(self) -> None:
+        """A bug in balrs surfaced as an exception in this connection's callback: fail this exchange
+        (500 to the client if nothing was sent yet) without charging the backend, and keep serving."""
+        log.exception("internal error on a connection to backend %s", self.backend.name)
+        try:
+            self._fail(F_INTERNAL, None)
+        except Exception:
+            log.exception("internal error while closing a connection to backend %s", self.backend.name)
+            down = self.down
+            self.down = None
+            self.ex = None
+            if self.state != U_CLOSED:
+                self._to(U_CLOSED)
+            self.tr.close()
+            if down is not None:
+                down.abort_after_flush()
+
+    # ---- flow control --------------------------------------------------------------------------
+    def pause_reading(self) -> None:
+        self.tr.pause_reading()
+
+    def resume_reading(self) -> None:
+        tr = self.tr
+        if not tr.reading and not self.peer_eof:
+            # The pause was ours (a slow client), not the backend's silence: its clock restarts now.
+            now = self.last_active = self.ctx.reactor.now
+            tr.resume_reading()
+            if self.state == U_HEAD or self.state == U_BODY:
+                tr.arm(now + self.ctx.settings.backend_timeout)
+
+    def write_queued(self) -> None:
+        self.tr.arm(self.ctx.reactor.now + self.ctx.settings.backend_timeout)
+
+    def pause_writing(self) -> None:
+        down = self.down
+        if down is not None:
+            down.pause_for_upstream()
+
+    def resume_writing(self) -> None:
+        down = self.down
+        if down is not None:
+            down.resume_for_upstream()
+
+    def write_drained(self) -> None:
+        down = self.down
+        if self.state == U_TUNNEL and down is not None:
+            down.tunnel_progress()
+        else:
+            self.resume_writing()
+
+    @property
+    def queued(self) -> int:
+        return self.tr.out_bytes
+
+    def shutdown_write(self) -> None:
+        self.tr.shutdown_write()
+
+    def write(self, data: Chunk) -> None:
+        """Tunnel bytes from the client."""
+        self.tr.write(data)
+
+    # ---- tunnels -------------------------------------------------------------------------------
+    def _start_tunnel(self, ex: Exchange, down: Downstream, resp: ResponseHead, rest: bytes) -> None:
+        self._to(U_TUNNEL)
+        self.keep = False
+        head = client_response_head(resp, NO_BODY, False, 1, keep_upgrade=True)
+        self.tr.disarm()  # the client's timer watches the tunnel (tunnel_timeout)
+        ex.resp_started = True
+        ex.status = 101
+        down.start_tunnel(head + rest)
+
+    # ---- timers --------------------------------------------------------------------------------
+    def timer_fired(self) -> None:
+        settings = self.ctx.settings
+        now = self.ctx.reactor.now
+        state = self.state
+        tr = self.tr
+        if state == U_CONNECTING:
+            deadline = self.connect_start + settings.connect_timeout
+            if now >= deadline:
+                self._connect_failed(F_CONNECT_TIMEOUT, errno.ETIMEDOUT)
+                return
+        elif state == U_HEAD or state == U_BODY:
+            ex = self.ex
+            if tr.out_bytes:
+                # The backend does not take the request bytes we have for it.
+                deadline = tr.last_write + settings.backend_timeout
+            elif not tr.reading or (ex is not None and not ex.request_done and state == U_HEAD):
+                # Paused because the client is slow to read, or waiting for the rest of the client's
+                # request: neither is the backend's silence (the client's timer watches those).
+                deadline = now + settings.check_interval
+            else:
+                deadline = self.last_active + settings.backend_timeout
+            if now >= deadline:
+                self._fail(F_TIMEOUT, None)
+                return
+        elif state == U_IDLE:
+            deadline = self.idle_since + POOL_IDLE_TIMEOUT
+            if now >= deadline:
+                self.close()
+                return
+        else:
+            return
+        tr.arm(deadline)
+
+    def close(self) -> None:
+        if self.state == U_CLOSED:
+            return
+        if self.state == U_IDLE:
+            self.backend.idle.remove(self)
+        self._to(U_CLOSED)
+        self._detach()
+        self.tr.close()
+

@@ -1,0 +1,400 @@
+"""One non-blocking stream over the reactor: what every socket balrs talks on shares.
+
+A ``Transport`` owns one connected (or connecting) stream socket, its one selector registration and
+one lazily re-armed deadline timer, and tells its *protocol* what happens, with plain method calls on
+the reactor thread (asyncio's transport/protocol split, without the futures):
+
+- ``data_received(data)`` for each read, ``eof_received(reset)`` when the peer closed (FIN) or reset;
+- ``connection_made()`` / ``connect_failed(err)`` for an outgoing connection;
+- ``write_queued()`` when a write did not go out whole (the peer is slow: a stall clock starts),
+  ``pause_writing()`` above ``HIGH_WATER`` queued bytes and ``resume_writing()`` below ``LOW_WATER``
+  (stop and restart reading whatever feeds this stream), ``write_drained()`` when the queue is empty;
+- ``connection_lost(exc)`` after a send failed (EPIPE, ECONNRESET): the transport has dropped its queue
+  and stopped writing, and the protocol hears of it from the loop, never inside the ``write`` that
+  failed, so the code that wrote finishes its step on a connection that is still whole (asyncio's
+  ``_fatal_error`` defers ``connection_lost`` the same way). This is the one fatal-close path;
+- ``timer_fired()`` when the deadline set with :meth:`Transport.arm` passes (the protocol works out
+  which deadline of its state that was; the transport fires no later than asked, maybe earlier);
+- ``internal_error()`` when one of its callbacks raised: a bug in balrs costs that stream, never the
+  loop.
+
+Writes try ``send`` first and only queue (and register for EVENT_WRITE) what the socket did not take;
+the queue is written with ``sendmsg`` (gather, up to ``MAX_IOV`` buffers per call). Nothing else in
+balrs registers stream sockets with the selector. A TLS transport will offer the same interface.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections import deque
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Deque, List, Optional, Tuple, Union
+
+from .reactor import EVENT_READ, EVENT_WRITE, Reactor
+
+if TYPE_CHECKING:
+    from .timerwheel import Timer
+
+__all__ = ["Transport", "Protocol", "Chunk", "HIGH_WATER", "LOW_WATER", "MAX_IOV", "connect"]
+
+Chunk = Union[bytes, memoryview]
+
+# ---- limits (STYLE habit 4) -----------------------------------------------------------------------
+# Write queue above which the other side stops being read, and below which it resumes (asyncio's
+# transports use 64 KiB / 16 KiB; larger marks keep big transfers at full speed).
+HIGH_WATER = 262144
+LOW_WATER = 65536
+# sendmsg() gathers at most this many queued buffers per call (IOV_MAX is 1024 on Linux).
+MAX_IOV = 64
+
+# connect_ex() results that mean "in progress" (EAGAIN: a Unix socket's backlog, or loopback under load).
+_CONNECT_PENDING = (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+class Protocol:
+    """What a transport calls. Every method has a default that does nothing useful, so a protocol only
+    writes the ones its stream needs (a probe never pauses; the admin endpoint never connects out)."""
+
+    __slots__ = ()
+
+    # After a failed send, keep reading what the peer still sends (a backend that answered early and
+    # closed its reading side), or stop at once (a client that is gone).
+    read_after_write_error = False
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self, reset: bool) -> None:
+        pass
+
+    def connection_made(self) -> None:
+        pass
+
+    def connect_failed(self, err: int) -> None:
+        pass
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        pass
+
+    def write_queued(self) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def write_drained(self) -> None:
+        self.resume_writing()
+
+    def timer_fired(self) -> None:
+        pass
+
+    def internal_error(self) -> None:
+        pass
+
+
+class Transport:
+    """A non-blocking stream socket on a reactor (see the module docstring)."""
+
+    __slots__ = ("reactor", "sock", "fd", "protocol", "events", "out", "out_bytes", "read_size", "reading",
+                 "connecting", "wr_closed", "closed", "broken", "last_write", "timer", "timer_when",
+                 "_io", "_timer_cb", "__weakref__")
+
+    reactor: Reactor
+    sock: socket.socket
+    fd: int
+    protocol: Protocol
+    events: int
+    out: Deque[Chunk]
+    out_bytes: int
+    timer: Optional[Timer]
+
+    def __init__(self, reactor: Reactor, sock: socket.socket, protocol: Protocol, read_size: int = 65536,
+                 connecting: bool = False, reading: bool = True) -> None:
+        self.reactor = reactor
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.protocol = protocol
+        self.events = 0
+        self.out = deque()
+        self.out_bytes = 0
+        self.read_size = read_size
+        self.reading = reading        # the protocol wants reads (applied once connected)
+        self.connecting = connecting  # an outgoing connect in progress: only EVENT_WRITE until it ends
+        self.wr_closed = False        # our FIN is sent, or sending failed: writes are dropped
+        self.closed = False
+        self.broken = False           # a send failed; connection_lost is on its way
+        self.last_write = reactor.now  # the last time the peer took bytes (the send-stall clock)
+        self.timer = None
+        self.timer_when = 0.0
+        self._io = self._on_io
+        self._timer_cb = self._on_timer
+        if connecting:
+            self._set_events(EVENT_WRITE)
+        elif reading:
+            self._set_events(EVENT_READ)
+
+    def __repr__(self) -> str:
+        return "<Transport fd=%d events=%d queued=%d>" % (self.fd, self.events, self.out_bytes)
+
+    # ---- selector ----
+    def _set_events(self, events: int) -> None:
+        old = self.events
+        if events == old:
+            return
+        reactor = self.reactor
+        if old == 0:
+            reactor.register(self.fd, events, self._io)
+        elif events == 0:
+            reactor.unregister(self.fd)
+        else:
+            reactor.modify(self.fd, events, self._io)
+        self.events = events
+
+    def _on_io(self, mask: int) -> None:
+        try:
+            if self.connecting:
+                self._connect_event()
+                return
+            if mask & EVENT_WRITE and self.out:
+                self._flush()
+            if mask & EVENT_READ and self.events & EVENT_READ:
+                try:
+                    data = self.sock.recv(self.read_size)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    self.protocol.eof_received(True)
+                    return
+                if data:
+                    self.protocol.data_received(data)
+                else:
+                    self.protocol.eof_received(False)
+        except Exception:
+            self.protocol.internal_error()
+
+    # ---- connecting ----
+    def _connect_event(self) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.protocol.connect_failed(err)
+            return
+        self.connecting = False
+        self._set_events((EVENT_READ if self.reading else 0) | (EVENT_WRITE if self.out else 0))
+        self.protocol.connection_made()
+        if self.out and not self.closed:
+            self._flush()
+
+    def _connect_failed_now(self, err: int) -> None:
+        if self.connecting and not self.closed:
+            self.protocol.connect_failed(err)
+
+    # ---- reading ----
+    def pause_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            if not self.connecting:
+                self._set_events(self.events & ~EVENT_READ)
+
+    def resume_reading(self) -> None:
+        if not self.reading and not self.closed:
+            self.reading = True
+            if not self.connecting:
+                self._set_events(self.events | EVENT_READ)
+
+    # ---- timer ----
+    def arm(self, when: float) -> None:
+        """Make sure ``timer_fired`` runs no later than ``when`` (it may run earlier; the protocol then
+        re-arms for the deadline it really has: lazy re-arm, STYLE habit 10)."""
+        t = self.timer
+        if t is not None:
+            if self.timer_when <= when:
+                return
+            t.cancel()
+        self.timer = self.reactor.wheel.call_at(when, self._timer_cb)
+        self.timer_when = when
+
+    def arm_later(self, when: float) -> None:
+        """Like :meth:`arm`, but only when no earlier timer is set (the common "deadline moved later"
+        case costs one comparison)."""
+        if self.timer_when > when or self.timer is None:
+            self.arm(when)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        try:
+            self.protocol.timer_fired()
+        except Exception:
+            self.protocol.internal_error()
+
+    # ---- writing ----
+    def write(self, data: Chunk) -> None:
+        """Send now if nothing is queued; queue what the socket does not take."""
+        if self.wr_closed:
+            return
+        if self.out_bytes or self.connecting:
+            self.out.append(data)
+            self.out_bytes += len(data)
+        else:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._send_failed(exc)
+                return
+            left = len(data) - n
+            if not left:
+                return
+            self.out.append(memoryview(data)[n:] if n else data)
+            self.out_bytes = left
+            self._set_events(self.events | EVENT_WRITE)
+            self.last_write = self.reactor.now
+            self.protocol.write_queued()
+        if self.out_bytes > HIGH_WATER:
+            self.protocol.pause_writing()
+
+    def write_parts(self, parts: List[Chunk]) -> None:
+        if len(parts) == 1:
+            self.write(parts[0])
+        elif parts:
+            self.write(b"".join(parts))
+
+    def queue(self, pending: Union[bytes, Deque[Chunk]], nbytes: int) -> None:
+        """Queue bytes to send once connected (the head, or what a failed connection did not send)."""
+        if isinstance(pending, bytes):
+            self.out.append(pending)
+        else:
+            self.out = pending
+        self.out_bytes = nbytes
+
+    def take_queue(self) -> Tuple[Deque[Chunk], int]:
+        """The unsent bytes, removed from this transport (to go out on another connection)."""
+        out, n = self.out, self.out_bytes
+        self.out = deque()
+        self.out_bytes = 0
+        return out, n
+
+    def _flush(self) -> None:
+        out = self.out
+        sock = self.sock
+        while out:
+            try:
+                if len(out) == 1:
+                    want = len(out[0])
+                    n = sock.send(out[0])
+                else:
+                    bufs = list(islice(out, MAX_IOV))
+                    want = sum(len(b) for b in bufs)
+                    n = sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._send_failed(exc)
+                return
+            self.out_bytes -= n
+            self.last_write = self.reactor.now
+            while n:
+                first = out[0]
+                size = len(first)
+                if n >= size:
+                    out.popleft()
+                    n -= size
+                else:
+                    out[0] = memoryview(first)[n:]
+                    n = 0
+            if n < want and out:
+                break
+        if not out:
+            self._set_events(self.events & ~EVENT_WRITE)
+            self.protocol.write_drained()
+        elif self.out_bytes < LOW_WATER:
+            self.protocol.resume_writing()
+
+    def _send_failed(self, exc: OSError) -> None:
+        """The peer cannot take more (EPIPE, ECONNRESET): drop the queue, stop writing, and tell the
+        protocol from the loop."""
+        if self.broken:
+            return
+        self.broken = True
+        self.wr_closed = True
+        self.out.clear()
+        self.out_bytes = 0
+        events = self.events & ~EVENT_WRITE
+        if not self.protocol.read_after_write_error:
+            self.reading = False
+            events = 0
+        self._set_events(events)
+        self.reactor.call_soon(lambda: self._lost(exc))
+
+    def _lost(self, exc: OSError) -> None:
+        if not self.closed:
+            try:
+                self.protocol.connection_lost(exc)
+            except Exception:
+                self.protocol.internal_error()
+
+    @property
+    def queued(self) -> int:
+        return self.out_bytes
+
+    # ---- closing ----
+    def shutdown_write(self) -> None:
+        """Send our FIN (once); the read side stays open (half-close)."""
+        if not self.wr_closed:
+            self.wr_closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Unregister, cancel the timer, close the socket, drop the queue. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reading = False
+        self.disarm()
+        if self.events:
+            try:
+                self.reactor.unregister(self.fd)
+            except (KeyError, ValueError):
+                pass
+            self.events = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.out.clear()
+        self.out_bytes = 0
+
+
+def connect(reactor: Reactor, family: int, sockaddr: Tuple[Any, ...], protocol: Protocol,
+            read_size: int = 65536, nodelay: bool = True) -> Transport:
+    """Start a non-blocking connect; the protocol hears ``connection_made`` or ``connect_failed(errno)``
+    from the loop (an immediate refusal too, so the caller never handles a failure inside this call).
+    Raises OSError only when no socket can be made (EMFILE...)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if nodelay and family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    tr = Transport(reactor, sock, protocol, read_size, connecting=True)
+    if err not in _CONNECT_PENDING:
+        tr._set_events(0)
+        reactor.call_soon(lambda: tr._connect_failed_now(err))
+    return tr
