@@ -74,7 +74,10 @@ def _bindable(family: int, host: str, port: int) -> bool:
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, step: float = 0.01) -> Any:
-    """Poll ``pred`` until it returns something true or ``timeout`` passes; returns its last value."""
+    """Poll ``pred`` until it returns something true or ``timeout`` passes; returns its last value.
+
+    Tests wait on the event itself (a log line, a counter, a socket state) with this instead of a fixed
+    sleep: the poll is short, the deadline generous (a loaded machine only makes the wait longer)."""
     end = time.monotonic() + timeout
     while True:
         v = pred()
@@ -247,6 +250,19 @@ def hnames(headers: Sequence[tuple[str, str]]) -> list[str]:
     return [n.lower() for n, _ in headers]
 
 
+def _close_listener(sock: socket.socket) -> None:
+    """Close a listener another thread may be blocked accepting on. On Linux shutdown() wakes that
+    accept at once; close() alone leaves it waiting out its timeout (a fixed cost per backend stop)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 class TestBackend:
     """A threaded HTTP/1.1 backend on 127.0.0.1, scripted by request path.
 
@@ -332,10 +348,7 @@ class TestBackend:
 
     def stop(self) -> None:
         self._stopped.set()
-        try:
-            self._listener.close()
-        except OSError:
-            pass
+        _close_listener(self._listener)
         with self.lock:
             socks = list(self._open.values())
         for c in socks:
@@ -377,12 +390,12 @@ class TestBackend:
         except (_PeerClosed, _Malformed, OSError):
             pass
         finally:
-            with self.lock:
-                self._open.pop(cid, None)
             try:
                 sock.close()
             except OSError:
                 pass
+            with self.lock:  # after the close: open_conns() == 0 means the peer has our FIN (or RST)
+                self._open.pop(cid, None)
 
     def _send(
         self,
@@ -727,7 +740,8 @@ class Blackhole:
             except OSError:
                 pass
             self._fillers.append(s)
-        time.sleep(0.05)
+        # The accept queue is full once the first filler's handshake completes (it becomes writable).
+        select.select([], self._fillers[:1], [], 2.0)
 
     def reqs(self) -> list[dict[str, Any]]:
         return []
@@ -1140,6 +1154,28 @@ def request(
         return c.read_response(method, keep_body=keep_body)
 
 
+def listens(pid: int, port: int) -> bool:
+    """Does process ``pid`` hold a TCP socket listening on ``port`` (IPv4, from /proc/net/tcp)?"""
+    inodes = set()
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add("socket:[%s]" % fields[9])
+        fd_dir = "/proc/%d/fd" % pid
+        for fd in os.listdir(fd_dir):
+            try:
+                if os.readlink("%s/%s" % (fd_dir, fd)) in inodes:
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return False
+
+
 def can_connect(addr: tuple[str, int], timeout: float = 0.5) -> bool:
     s = socket.socket(_family(addr[0]), socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -1349,6 +1385,28 @@ class BalrsProcess:
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_text()[-n:]
+
+    def log_mark(self) -> int:
+        """Where the log ends now: pass it as ``wait_log(since=...)`` to wait for a line written later."""
+        return len(self.log_text())
+
+    def wait_log(self, text: str, timeout: float = 5.0, count: int = 1, since: int = 0) -> str:
+        """Wait until ``text`` appears ``count`` times in the log (after offset ``since``); return the
+        first line holding it. Fails with the log's tail, or at once if balrs exited meanwhile."""
+        end = time.monotonic() + timeout
+        while True:
+            alive = self.alive()  # before reading: a process found dead has written its last line
+            log = self.log_text()[since:]
+            if log.count(text) >= count:
+                return next(line for line in log.splitlines() if text in line)
+            if not alive or time.monotonic() >= end:
+                break
+            time.sleep(0.01)
+        raise AssertionError(
+            "%r not in balrs' log %d time(s) within %gs (balrs %s); log:\n%s"
+            % (text, count, timeout, "running" if self.alive() else "exited %s" % self.returncode,
+               self.log_tail())
+        )
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -714,10 +714,11 @@ class TestAdminProcess:
 
     def test_open_client_connections_and_active_requests(self, admin_lb: Callable[..., AdminLB]) -> None:
         lb = admin_lb(1)
+        b1: TestBackend = lb.backends[0]  # type: ignore[attr-defined]
         c1, c2 = Client(lb.addr), Client(lb.addr)
         try:
-            c1.send(build("GET", "/delay/1500"))
-            time.sleep(0.3)
+            c1.send(build("GET", "/delay/1000"))
+            assert wait_for(b1.reqs, 3), "the request never reached b1"  # in flight from now for 1 s
             fams = lb.metrics()
             assert value_of(fams, "balrs_client_connections") == 2
             assert value_of(fams, "balrs_backend_active_requests", backend="b1") == 1
@@ -926,7 +927,7 @@ def test_removed_backend_shows_drain_while_busy(tmp_path: Any) -> None:
     lb = BalrsProcess(tmp_path, ini([b1, b2]), port, name="drainstate").start()
     try:
         box: dict = {}
-        slow = threading.Thread(target=lambda: box.setdefault("r", request(lb.addr, "GET", "/delay/1500", timeout=10)),
+        slow = threading.Thread(target=lambda: box.setdefault("r", request(lb.addr, "GET", "/delay/1000", timeout=10)),
                                 daemon=True)
         slow.start()
         assert wait_for(lambda: b1.reqs() or b2.reqs(), 3)

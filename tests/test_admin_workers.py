@@ -602,7 +602,7 @@ class TestWorkersProcess:
         lb = workers_lb(1)
         clients = [Client(lb.addr) for _ in range(8)]
         try:
-            clients[0].send(build("GET", "/delay/1500"))
+            clients[0].send(build("GET", "/delay/1000"))
             assert wait_for(lambda: value_of(lb.metrics(), "balrs_client_connections") == 8, 3.0)
             fams = lb.metrics()
             assert value_of(fams, "balrs_backend_active_requests", backend="b1") == 1
@@ -708,7 +708,7 @@ class TestWorkersProcess:
         box: Dict[str, Any] = {}
 
         def slow() -> None:
-            box["r"] = request(lb.addr, "GET", "/delay/1500", timeout=10)
+            box["r"] = request(lb.addr, "GET", "/delay/1000", timeout=10)
 
         t = threading.Thread(target=slow, daemon=True)
         t.start()

@@ -144,10 +144,11 @@ class Rig:
 
     def quiesce(self, quiet: float = 0.15, real_timeout: float = 3.0) -> None:
         """Let probes in flight finish their real I/O before fake time moves on: until every probe is
-        idle, or no socket event came for ``quiet`` seconds (a hanging backend)."""
+        idle or parked at a hanging Responder (which will never answer), or no socket event came for
+        ``quiet`` seconds (a backend that hangs otherwise, e.g. a black hole)."""
         end = time.monotonic() + real_timeout
         while time.monotonic() < end:
-            if all(p.state == 0 for p in self.health.probes.values()):
+            if all(p.state == 0 or _parked(p) for p in self.health.probes.values()):
                 return
             if not self.turn(quiet):
                 return
@@ -199,6 +200,19 @@ def rigs() -> Iterator[Callable[..., Rig]]:
 
 
 # ---- a backend the test controls ---------------------------------------------------------------------------
+_responders: dict[str, Responder] = {}  # by address, while running
+
+
+def _parked(probe: _Probe) -> bool:
+    """Is this probe's connection parked at a hanging Responder: its request head read in full, no
+    answer ever coming?"""
+    try:
+        name = probe.sock.getsockname() if probe.sock is not None else None
+    except OSError:
+        return False
+    return name is not None and any(name in r.parked for r in list(_responders.values()))
+
+
 class Responder:
     """A threaded server on 127.0.0.1. ``mode``: an int status, ``"hang"`` (read, never answer),
     ``"close"`` (close without a byte), ``"garbage"``, ``"interim"`` (100 Continue, then 200),
@@ -210,6 +224,7 @@ class Responder:
         self.heads: list[bytes] = []
         self.conns = 0
         self.bytes_seen: list[int] = []  # bytes received per finished connection
+        self.parked: set[tuple[str, int]] = set()  # peers of the "hang" connections with their head read
         self._stop = threading.Event()
         self._open: list[socket.socket] = []
         self.listener = socket.socket()
@@ -219,6 +234,7 @@ class Responder:
         self.listener.settimeout(0.1)
         self.port = self.listener.getsockname()[1]
         self.address = "%s:%d" % (HOST, self.port)
+        _responders[self.address] = self
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -237,6 +253,10 @@ class Responder:
 
     def _serve(self, sock: socket.socket) -> None:
         sock.settimeout(0.1)
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = None
         data = b""
         mode = self.mode
         try:
@@ -254,12 +274,18 @@ class Responder:
                     self.heads.append(data)
                 mode = self.mode
                 if mode == "hang":
-                    while not self._stop.is_set():
-                        try:
-                            if not sock.recv(4096):
-                                break
-                        except socket.timeout:
-                            continue
+                    with self.lock:
+                        self.parked.add(peer)
+                    try:
+                        while not self._stop.is_set():
+                            try:
+                                if not sock.recv(4096):
+                                    break
+                            except socket.timeout:
+                                continue
+                    finally:
+                        with self.lock:
+                            self.parked.discard(peer)
                 elif mode == "close":
                     pass
                 elif mode == "garbage":
@@ -281,6 +307,11 @@ class Responder:
 
     def stop(self) -> None:
         self._stop.set()
+        _responders.pop(self.address, None)
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept at once (close alone does not)
+        except OSError:
+            pass
         self.listener.close()
         self.thread.join(2)
 

@@ -136,8 +136,7 @@ def spread(lb: BalrsProcess, n: int = 30) -> tuple[collections.Counter[str], lis
 
 
 def wait_log(lb: BalrsProcess, text: str, timeout: float = 5.0, count: int = 1) -> None:
-    ok = wait_for(lambda: lb.log_text().count(text) >= count, timeout)
-    assert ok, "no %r in the log within %gs:\n%s" % (text, timeout, lb.log_tail())
+    lb.wait_log(text, timeout, count)
 
 
 # ---- active checks -----------------------------------------------------------------------------------------
@@ -185,9 +184,9 @@ def test_hanging_health_endpoint_times_out(
     hb: HBs, lbh: LBs
 ) -> None:
     bs = [hb("b1"), hb("b2")]
-    lb = lbh(bs, FAST)
+    lb = lbh(bs, dict(FAST, timeout="250ms"))
     bs[0].health_hang = True
-    wait_log(lb, "backend b1 is DOWN: 2 consecutive probe failures (last: timed out after 0.5s)")
+    wait_log(lb, "backend b1 is DOWN: 2 consecutive probe failures (last: timed out after 0.25s)")
     served, bad = spread(lb, 10)
     assert not bad and served["b2"] == 10
 
@@ -276,17 +275,21 @@ def test_slow_start_gives_a_recovered_backend_a_reduced_share(
     if not _strategy_reads_eff_weight():
         pytest.skip("the round-robin strategy weighs by `weight`, not `eff_weight`: slow start has no effect")
     bs = [hb("b1"), hb("b2")]
-    lb = lbh([(bs[0], 10), (bs[1], 10)], dict(FAST, rise="1", fall="1"), slow_start="6s")
+    slow_start = 3.0
+    lb = lbh([(bs[0], 10), (bs[1], 10)], dict(FAST, rise="1", fall="1"), slow_start="%gs" % slow_start)
     served, _ = spread(lb, 20)
     assert served["b2"] == 10, "backends present at start-up take their full weight"
     bs[1].health_status = 500
     wait_log(lb, "backend b2 is DOWN")
     bs[1].health_status = 200
     wait_log(lb, "backend b2 is UP again")
+    up_seen = time.monotonic()  # the ramp began before this (when the line was written)
     served, bad = spread(lb, 40)
     assert not bad
-    assert 1 <= served["b2"] <= 14, "b2 got %d of 40 right after recovering (slow start 6s)" % served["b2"]
-    time.sleep(6.5)
+    assert 1 <= served["b2"] <= 14, "b2 got %d of 40 right after recovering (slow start %gs)" % (
+        served["b2"], slow_start)
+    # Scenario time: the ramp ends slow_start after it began (ramp steps are 250 ms apart).
+    time.sleep(max(0.0, up_seen + slow_start + 0.5 - time.monotonic()))
     served, bad = spread(lb, 40)
     assert not bad and served["b2"] == 20
 

@@ -186,8 +186,9 @@ def test_sighup_reload_keeps_serving_and_keeps_connections(
     with Client(lb.addr) as c:
         c.send(build("GET", "/echo?id=before"))
         assert c.read_response().status == 200
+        mark = lb.log_mark()
         lb.signal(signal.SIGHUP)  # the file is unchanged: a reload changes nothing
-        time.sleep(0.5)
+        lb.wait_log("reloaded", since=mark)
         assert lb.alive(), "balrs exited on SIGHUP (status %s)" % lb.returncode
         c.send(build("GET", "/echo?id=after"))
         r = c.read_response()
@@ -233,8 +234,9 @@ def test_stop_signal_drains_in_flight_request(
     assert idle.read_response().status == 200
     assert wait_for(lambda: any(r["target"] == "/delay/1200?id=inflight" for b in three for r in b.reqs()), 2)
     t_sig = time.monotonic()
+    mark = lb.log_mark()
     lb.signal(sig)
-    time.sleep(0.3)
+    lb.wait_log("draining", since=mark)  # written in the loop turn that closes the listener
     newconn = _new_connection_outcome(lb.addr)
     idle_closed, _, _ = idle.wait_closed(1.5)
     idle.close()

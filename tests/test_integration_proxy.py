@@ -32,6 +32,7 @@ from support import (
     hnames,
     request,
     sha,
+    wait_for,
 )
 
 MiB = 1024 * 1024
@@ -508,7 +509,8 @@ def test_idle_pooled_connection_closed_by_backend_get_succeeds(
     with Client(lb.addr) as c:
         c.send(build("GET", "/close-after/50"))
         assert c.read_response().status == 200
-        time.sleep(0.3)  # the backend has closed the idle connection balrs keeps in its pool
+        # The backend closes the idle connection balrs keeps in its pool (50 ms after the response).
+        assert wait_for(lambda: b.open_conns() == 0, 3), "the backend did not close its connection"
         c.send(build("GET", "/echo?id=after-idle-close"))
         r = c.read_response()
     assert r.status == 200, "GET after the backend closed a pooled connection: %s %r" % (
@@ -526,7 +528,7 @@ def test_idle_pooled_connection_closed_by_backend_post_never_twice(
     with Client(lb.addr) as c:
         c.send(build("GET", "/close-after/50"))
         assert c.read_response().status == 200
-        time.sleep(0.3)
+        assert wait_for(lambda: b.open_conns() == 0, 3), "the backend did not close its connection"
         c.send(build("POST", "/echo?id=post-after-idle-close", body=b"once"))
         r = c.read_response()
     assert r.status in (200, 502)
@@ -584,7 +586,7 @@ def test_slow_reader_of_20mib_response_bounded_memory(
     base = lb.rss_kb()
     with RssSampler(lb.pid) as sampler, Client(lb.addr, timeout=30, rcvbuf=65536) as c:
         c.send(build("GET", "/big/%d" % n, [("Connection", "close")]))
-        time.sleep(1.5)  # slow reader: without backpressure balrs would buffer the body meanwhile
+        time.sleep(1.0)  # slow reader: without backpressure balrs would buffer the body meanwhile
         r = c.read_response(keep_body=False, timeout=30)
     assert r.status == 200 and r.body_len == n and r.body_sha == big_sha(n)
     growth = (sampler.peak - base) / 1024.0
@@ -608,12 +610,12 @@ def test_upload_20mib_to_slow_backend_bounded_memory(
         def sender() -> None:
             try:
                 if framing == "chunked":
-                    c.send(build("POST", "/echo?id=up&readdelay=1500", [("Transfer-Encoding", "chunked")]))
+                    c.send(build("POST", "/echo?id=up&readdelay=1000", [("Transfer-Encoding", "chunked")]))
                     for i in range(0, n, 256 * 1024):
                         c.send(b"%x\r\n" % len(body[i : i + 256 * 1024]) + body[i : i + 256 * 1024] + b"\r\n")
                     c.send(b"0\r\n\r\n")
                 else:
-                    c.send(build("POST", "/echo?id=up&readdelay=1500", [("Content-Length", str(n))]) + body)
+                    c.send(build("POST", "/echo?id=up&readdelay=1000", [("Content-Length", str(n))]) + body)
             except OSError as exc:
                 errors.append(exc)
 

@@ -55,25 +55,27 @@ def _concurrently(lb: BalrsProcess, targets: List[str], stagger: float = 0.05) -
 def test_full_backend_queues_requests_in_order(make_backend: Any, limited: Any) -> None:
     b = make_backend("b1")
     lb = limited([(b, 1)], queue_timeout="5s")
-    res = _concurrently(lb, ["/delay/400?id=q%d" % i for i in range(3)])
+    res = _concurrently(lb, ["/delay/250?id=q%d" % i for i in range(3)])
     assert all(r.status == 200 for r, _t in res), [r.status for r, _t in res]
     times = [t for _r, t in res]
     # One at a time: each waits for the one before it.
     assert times[0] < times[1] < times[2]
-    assert times[2] >= 1.1, "three 400 ms requests on a backend limited to one took only %.2fs" % times[2]
+    assert times[2] >= 0.7, "three 250 ms requests on a backend limited to one took only %.2fs" % times[2]
     order = [r["target"] for r in b.reqs()]
-    assert order == ["/delay/400?id=q0", "/delay/400?id=q1", "/delay/400?id=q2"], order
+    assert order == ["/delay/250?id=q0", "/delay/250?id=q1", "/delay/250?id=q2"], order
 
 
 def test_queue_timeout_gives_503(make_backend: Any, limited: Any) -> None:
     b = make_backend("b1")
     lb = limited([(b, 1)], queue_timeout="300ms")
-    res = _concurrently(lb, ["/delay/1500?id=long", "/echo?id=waits"])
+    # The first holds the backend longer than the 503 may take (1.2 s): a queue that never times out
+    # would serve the second one after it, with a 200.
+    res = _concurrently(lb, ["/delay/1300?id=long", "/echo?id=waits"])
     (first, _t1), (second, t2) = res
     assert first.status == 200
     assert second.status == 503, "a request that waited longer than queue_timeout got %s" % second.status
     assert 0.25 <= t2 <= 1.2, "503 after %.2fs with queue_timeout 300ms" % t2
-    assert [r["target"] for r in b.reqs()] == ["/delay/1500?id=long"], "the queued request reached the backend"
+    assert [r["target"] for r in b.reqs()] == ["/delay/1300?id=long"], "the queued request reached the backend"
     # The connection that got 503 was not broken: the next request on a fresh one is served.
     assert request(lb.addr, "GET", "/echo").status == 200
 
@@ -82,7 +84,7 @@ def test_full_backend_is_skipped_for_one_with_room(make_backend: Any, limited: A
     b1, b2 = make_backend("b1"), make_backend("b2")
     lb = limited([(b1, 1), (b2, 0)], queue_timeout="5s")
     box: Dict[str, Any] = {}
-    t = threading.Thread(target=lambda: box.setdefault("r", request(lb.addr, "GET", "/delay/1000?id=busy",
+    t = threading.Thread(target=lambda: box.setdefault("r", request(lb.addr, "GET", "/delay/700?id=busy",
                                                                          timeout=10)), daemon=True)
     t.start()
     assert wait_for(lambda: b1.reqs() or b2.reqs(), 3)

@@ -25,6 +25,7 @@ from support import (
     build,
     free_port,
     lb_ini,
+    listens,
     request,
     wait_for,
 )
@@ -85,18 +86,19 @@ def test_reload_keeps_idle_keepalive_connection_and_in_flight_request(
     box: Dict[str, Any] = {}
 
     def slow() -> None:
-        box["r"] = request(lb.addr, "GET", "/delay/1500?id=inflight", timeout=10)
+        box["r"] = request(lb.addr, "GET", "/delay/1000?id=inflight", timeout=10)
 
     with Client(lb.addr) as idle:
         idle.send(build("GET", "/echo?id=first"))
         assert idle.read_response().status == 200
         t = threading.Thread(target=slow, daemon=True)
         t.start()
-        assert wait_for(lambda: any(r["target"] == "/delay/1500?id=inflight" for r in b1.reqs()), 3)
+        assert wait_for(lambda: any(r["target"] == "/delay/1000?id=inflight" for r in b1.reqs()), 3)
         # b1 is removed while a request is in flight on it and a keep-alive connection sits idle.
         rewrite(lb, [b2])
+        mark = lb.log_mark()
         lb.signal(signal.SIGHUP)
-        time.sleep(0.3)
+        lb.wait_log("reloaded", since=mark)
         idle.send(build("GET", "/echo?id=after-reload"))
         r = idle.read_response()
         assert r.status == 200 and served_by(r) == "b2", "idle connection after reload: %s" % r.status
@@ -118,8 +120,9 @@ def test_reload_keeps_tunnels(
         greeting = c.read_exact(9, 3)
         assert greeting == b"srv-hello"
         rewrite(lb, [b2])
+        mark = lb.log_mark()
         lb.signal(signal.SIGHUP)
-        time.sleep(0.3)
+        lb.wait_log("reloaded", since=mark)
         c.send(b"still-there")
         assert c.read_exact(11, 3) == b"still-there"
 
@@ -144,8 +147,9 @@ def test_reload_changes_strategy_and_weights(
     b1, b2 = make_backend("b1"), make_backend("b2")
     lb = make_lb([b1, b2])
     rewrite(lb, [(b1, 3), (b2, 1)])
+    mark = lb.log_mark()
     lb.signal(signal.SIGHUP)
-    time.sleep(0.3)
+    lb.wait_log("reloaded", since=mark)
     cnt = spread(lb, 8)
     assert cnt == {"b1": 6, "b2": 2}, "weights 3/1 after reload gave %s" % cnt
 
@@ -177,7 +181,10 @@ def test_workers_serve_restart_reload_and_stop(
     os.kill(first[0], signal.SIGKILL)
     assert wait_for(lambda: lb.log_text().count(" started") == 3, 5), lb.log_tail()
     assert wait_for(lambda: len(children(lb.pid)) == 2 and first[0] not in children(lb.pid), 5), lb.log_tail()
-    time.sleep(0.3)  # the new worker binds its listeners
+    # The new worker binds its listeners after installing its signal handlers: until then a SIGHUP
+    # would kill it (it starts with the default dispositions).
+    new = [pid for pid in children(lb.pid) if pid != first[1]]
+    assert len(new) == 1 and wait_for(lambda: listens(new[0], lb.port), 5), "the new worker does not listen"
     assert spread(lb, 6) == {"b1": 6}
 
     # SIGHUP goes to every worker: all of them use the new backend list.

@@ -29,6 +29,7 @@ from support import (
     lb_ini,
     request,
     run_balrs,
+    wait_for,
 )
 
 from balrs.status import CLEAR, admin_url, format_table, main
@@ -127,10 +128,10 @@ class TestAgainstRealBalrs:
     def test_watch_refreshes_until_count(self, make_lb_admin: Callable[..., LB]) -> None:
         lb = make_lb_admin((1,))
         t0 = time.monotonic()
-        rc, out, err = run_balrs("status", lb.admin_s, "--watch", "--interval", "0.3", "--count", "3")
+        rc, out, err = run_balrs("status", lb.admin_s, "--watch", "--interval", "0.2", "--count", "3")
         assert rc == 0, err
         assert out.count("NAME ") == 3
-        assert time.monotonic() - t0 >= 0.6
+        assert time.monotonic() - t0 >= 0.4
         assert "\x1b" not in out  # stdout is not a terminal: frames one after another
 
     def test_watch_json_lines(self, make_lb_admin: Callable[..., LB]) -> None:
@@ -142,15 +143,23 @@ class TestAgainstRealBalrs:
 
     def test_watch_ctrl_c_exits_0(self, make_lb_admin: Callable[..., LB]) -> None:
         lb = make_lb_admin((1,))
+        pdeathsig = getattr(support, "_PREEXEC", None)
+
+        def preexec() -> None:
+            if pdeathsig is not None:
+                pdeathsig()
+            # A shell starts background jobs with SIGINT ignored, and Python then installs no
+            # KeyboardInterrupt handler: give the child the default, as a terminal would.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
         p = subprocess.Popen(balrs_command("status", lb.admin_s, "--watch", "--interval", "0.2"),
                              cwd=str(REPO_ROOT), env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE,
-                             preexec_fn=getattr(support, "_PREEXEC", None))
+                             stderr=subprocess.PIPE, preexec_fn=preexec)
         try:
             assert p.stdout is not None
             first = p.stdout.readline()
             assert first.startswith(b"balrs "), first
-            time.sleep(0.5)
+            time.sleep(0.1)  # scenario: Ctrl-C while it waits out its interval
             p.send_signal(signal.SIGINT)
             out, err = p.communicate(timeout=5)
         finally:
@@ -167,12 +176,13 @@ class TestAgainstRealBalrs:
         import threading
 
         def stop_soon() -> None:
-            time.sleep(0.5)
+            # Once the first frame is out (or after 5 s: then the count may run out before the stop).
+            wait_for(lambda: "NAME " in out.getvalue(), 5)
             lb.proc.stop()
 
         t = threading.Thread(target=stop_soon)
         t.start()
-        rc = main([lb.admin_s, "--watch", "--interval", "0.3", "--count", "5", "--timeout", "1"], out, err)
+        rc = main([lb.admin_s, "--watch", "--interval", "0.2", "--count", "5", "--timeout", "1"], out, err)
         t.join()
         assert rc == 0
         assert out.getvalue().count("NAME ") >= 1
