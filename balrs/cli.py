@@ -10,6 +10,7 @@ import sys
 from typing import Callable, List, Optional, Sequence
 
 from . import __version__
+from .accesslog import RateLimitFilter
 from .config import STRATEGIES, Config, ConfigError, load, parse_address
 
 __all__ = ["main", "build_parser"]
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT[,HOST:PORT...]",
                    help="listen here instead of [balancer] listen")
     p.add_argument("--strategy", metavar="NAME", help="use this strategy instead of [balancer] strategy")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: info)")
     return p
 
@@ -93,7 +94,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          % (args.config, len(config.backends), config.strategy))
         return 0
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format=LOG_FORMAT, stream=sys.stderr)
+    # The command line's --log-level wins over [log] level.
+    level = args.log_level or config.log.level
+    logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT, stream=sys.stderr)
+    # Lines that can repeat per request (connect failures during an outage) are rate-limited, with a
+    # count of those held back.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RateLimitFilter())
     _raise_fd_limit()
     return run(config, lambda c: apply_overrides(c, args.listen, args.strategy))
 
@@ -107,7 +114,11 @@ def run(config: Config, overrides: Optional[Callable[[Config], Config]] = None) 
             log.error("%s", exc.strerror or exc)
             return 1
     from .server import Balancer
-    balancer = Balancer(config, overrides=overrides)
+    try:
+        balancer = Balancer(config, overrides=overrides)
+    except OSError as exc:  # the access log file cannot be opened
+        log.error("%s", exc.strerror or exc)
+        return 1
     # Handlers first: a SIGTERM that arrives as soon as the port is open must drain, not kill.
     balancer.install_signal_handlers()
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,6 +33,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "HealthConfig",
+    "LogConfig",
     "load",
     "parse_address",
     "parse_duration",
@@ -73,6 +75,15 @@ DEFAULT_HEALTH_EXPECT = (200, 399)  # HAProxy `option httpchk`: 2xx and 3xx pass
 # [backend NAME]
 DEFAULT_WEIGHT = 1  # HAProxy server `weight 1`, nginx `weight=1`
 DEFAULT_BACKEND_MAX_CONNECTIONS = 0  # 0 = unlimited, like HAProxy server `maxconn 0` and nginx `max_conns=0`
+
+# [log]: no access log and no request ids unless asked for, so a file without [log] behaves as before it
+DEFAULT_LOG_ACCESS = "off"  # nginx `access_log` is on by default; a balancer at 10k req/s should opt in
+DEFAULT_LOG_FORMAT = "combined"  # nginx's predefined `combined` format
+DEFAULT_LOG_LEVEL = "info"
+DEFAULT_LOG_REQUEST_ID = ""  # off; the contract's example names X-Request-ID (nginx $request_id)
+LOG_FORMATS = ("common", "combined", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_STREAMS = ("off", "stderr", "stdout")  # every other value of `access` is a file path
 
 # ---------------------------------------------------------------------------------------------- limits
 MAX_WEIGHT = 256  # HAProxy server weights are 0..256
@@ -123,6 +134,17 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """[log]: the access log (off | stderr | stdout | PATH) and its format, the event log's level, and
+    the request-id field ("" = no request ids)."""
+
+    access: str = DEFAULT_LOG_ACCESS  # off | stderr | stdout | a file path (as written)
+    format: str = DEFAULT_LOG_FORMAT  # common | combined | json
+    level: str = DEFAULT_LOG_LEVEL  # the event log's: debug | info | warning | error
+    request_id: str = DEFAULT_LOG_REQUEST_ID  # a field name, sent in this spelling; "" = no request ids
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     listen: tuple[Address, ...]
@@ -149,6 +171,7 @@ class Config:
     health: HealthConfig | None = None
     backends: tuple[BackendConfig, ...] = ()
     admin: AdminConfig | None = None
+    log: LogConfig = LogConfig()
 
 
 class ConfigError(ValueError):
@@ -421,6 +444,58 @@ def _parse_expect(text: str) -> tuple[int, int]:
     return (lo, hi)
 
 
+# Fields balrs writes or frames messages by: a request id under one of these names would corrupt requests.
+_BALRS_FIELDS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
+    "trailer", "upgrade", "expect", "via", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+})
+
+
+def _parse_log_access(text: str) -> str:
+    """off, stderr, stdout, or a file path (kept as written; relative to the directory balrs starts in)."""
+    s = text.strip()
+    if not s:
+        raise ValueError("empty value (expected off, stderr, stdout or a file path)")
+    if s.lower() in LOG_STREAMS:
+        return s.lower()
+    if any(c < " " or c == "\x7f" for c in s):
+        raise ValueError(f"file path {s!r} must not contain control characters")
+    if os.path.isdir(s):
+        raise ValueError(f"{s!r} is a directory (expected the path of the log file)")
+    directory = os.path.dirname(s) or "."
+    if not os.path.isdir(directory):
+        raise ValueError(f"directory {directory!r} does not exist")
+    if not os.access(s if os.path.exists(s) else directory, os.W_OK):
+        raise ValueError(f"{s!r} is not writable")
+    return s
+
+
+def _parse_log_format(text: str) -> str:
+    s = text.strip().lower()
+    if s not in LOG_FORMATS:
+        raise ValueError(f"unknown format {text.strip()!r} (expected {', '.join(LOG_FORMATS)})")
+    return s
+
+
+def _parse_log_level(text: str) -> str:
+    s = text.strip().lower()
+    if s not in LOG_LEVELS:
+        raise ValueError(f"unknown level {text.strip()!r} (expected {', '.join(LOG_LEVELS)})")
+    return s
+
+
+def _parse_request_id(text: str) -> str:
+    """The request-id field name as written (it is sent in that spelling); empty or ``off``: none."""
+    s = text.strip()
+    if not s or s.lower() == "off":
+        return ""
+    if not _TOKEN_RE.fullmatch(s):
+        raise ValueError(f"{s!r} is not a valid header field name (RFC 9110 token characters only)")
+    if s.lower() in _BALRS_FIELDS:
+        raise ValueError(f"{s} is a field balrs itself sets or frames by (use e.g. X-Request-ID)")
+    return s
+
+
 def _int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = _parse_int(text)
@@ -510,11 +585,20 @@ _ADMIN_KEYS: dict[str, tuple[_Parser, object]] = {
     "listen": (_parse_listen, _REQUIRED),
 }
 
+# Keys of [log] are the LogConfig fields of the same name.
+_LOG_KEYS: dict[str, tuple[_Parser, object]] = {
+    "access": (_parse_log_access, DEFAULT_LOG_ACCESS),
+    "format": (_parse_log_format, DEFAULT_LOG_FORMAT),
+    "level": (_parse_log_level, DEFAULT_LOG_LEVEL),
+    "request_id": (_parse_request_id, DEFAULT_LOG_REQUEST_ID),
+}
+
 _SECTION_KEYS: dict[str, dict[str, tuple[_Parser, object]]] = {
     "balancer": _BALANCER_KEYS,
     "health": _HEALTH_KEYS,
     "backend": _BACKEND_KEYS,
     "admin": _ADMIN_KEYS,
+    "log": _LOG_KEYS,
 }
 
 _MULTILINE_KEYS = frozenset({"listen"})  # the only values that may continue on indented lines
@@ -533,7 +617,7 @@ class _Entry:
 
 @dataclass
 class _Section:
-    kind: str  # balancer | health | admin | backend
+    kind: str  # balancer | health | admin | log | backend
     name: str  # as shown in errors: "balancer", "backend b1"
     line: int
     backend_name: str = ""
@@ -617,7 +701,7 @@ def _read_header(body: str, lineno: int, path: str, errors: list[ConfigError]) -
             ConfigError(path, lineno, f"unexpected text after section header {_clip(body[: close + 1])!r}")
         )
         return None
-    if title in ("balancer", "health", "admin"):
+    if title in ("balancer", "health", "admin", "log"):
         return _Section(kind=title, name=title, line=lineno)
     words = title.split(None, 1)
     if words and words[0] == "backend":
@@ -637,7 +721,7 @@ def _read_header(body: str, lineno: int, path: str, errors: list[ConfigError]) -
         ConfigError(
             path,
             lineno,
-            "unknown section (expected [balancer], [health], [admin] or [backend NAME])",
+            "unknown section (expected [balancer], [health], [admin], [log] or [backend NAME])",
             title or None,
         )
     )
@@ -698,6 +782,7 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
     health: HealthConfig | None = None
     admin: AdminConfig | None = None
     admin_section: _Section | None = None
+    log_config = LogConfig()
     backends: list[BackendConfig] = []
     for section in sections:
         values = _section_values(section, path, errors)
@@ -711,6 +796,8 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
         elif section.kind == "admin":
             admin = AdminConfig(**values)
             admin_section = section
+        elif section.kind == "log":
+            log_config = LogConfig(**values)
         else:
             backends.append(BackendConfig(name=section.backend_name, line=section.line, **values))
 
@@ -738,7 +825,7 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
         )
         return None
     assert balancer is not None  # no errors, so [balancer] parsed
-    return Config(path=path, health=health, backends=tuple(backends), admin=admin, **balancer)
+    return Config(path=path, health=health, backends=tuple(backends), admin=admin, log=log_config, **balancer)
 
 
 # ---------------------------------------------------------------------------------------------- entry points

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import os
 import pickle
 import random
 import re
@@ -145,10 +146,11 @@ def test_objects_are_frozen() -> None:
 @pytest.mark.parametrize(
     "table, cls, skip",
     [
-        (C._BALANCER_KEYS, C.Config, {"path", "health", "backends", "admin"}),
+        (C._BALANCER_KEYS, C.Config, {"path", "health", "backends", "admin", "log"}),
         (C._HEALTH_KEYS, C.HealthConfig, set()),
         (C._BACKEND_KEYS, C.BackendConfig, {"name", "line"}),
         (C._ADMIN_KEYS, C.AdminConfig, set()),
+        (C._LOG_KEYS, C.LogConfig, set()),
     ],
 )
 def test_key_tables_match_dataclasses(table: dict[str, Any], cls: type, skip: set[str]) -> None:
@@ -898,3 +900,159 @@ def test_fuzzed_files_raise_only_config_error() -> None:
         except ConfigError as err:
             assert "\n" not in str(err)
             assert 1 <= err.line <= source.count("\n") + 1
+
+
+# ---------------------------------------------------------------------------------------------- [log]
+
+
+def test_log_defaults_when_absent() -> None:
+    # a v1 file behaves as before: no access log, no request ids
+    cfg = parse(MINIMAL)
+    assert cfg.log == C.LogConfig() == C.LogConfig("off", "combined", "info", "")
+    assert parse(MINIMAL + "[log]\n").log == C.LogConfig()
+    assert parse(MINIMAL + "[log]\nformat = json\n").log == C.LogConfig(format="json", request_id="")
+
+
+def test_log_contract_example() -> None:
+    # the ```ini block of CONTRACT.md's "Logs" section, after a minimal file
+    example = (
+        "[log]\n"
+        "access = off                     ; off | stderr | stdout | PATH\n"
+        "format = combined                ; common | combined | json\n"
+        "level = info                     ; for the event log on stderr: debug | info | warning | error\n"
+        "request_id = X-Request-ID        ; kept when the client sent a valid one (1-128 chars of A-Z a-z 0-9 . _ : -),\n"
+        "                                 ; else generated; sent upstream and in the\n"
+        "                                 ; response; empty = off\n"
+    )
+    expected = C.LogConfig("off", "combined", "info", "X-Request-ID")
+    assert parse(MINIMAL + example).log == expected
+    contract = CONFORMANCE / "CONTRACT.md"
+    if contract.is_file():
+        blocks = re.findall(r"```ini\n(.*?)```", contract.read_text(encoding="utf-8"), re.DOTALL)
+        logs = [b for b in blocks if b.lstrip().startswith("[log]")]
+        assert logs, "no [log] example in CONTRACT.md"
+        assert parse(MINIMAL + logs[0]).log == expected
+
+
+def test_log_valid_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def log(*lines: str) -> C.LogConfig:
+        return parse(MINIMAL + "[log]\n" + "".join(line + "\n" for line in lines)).log
+
+    for value, stored in (("off", "off"), ("stderr", "stderr"), ("STDOUT", "stdout"), (" Off ", "off")):
+        assert log(f"access = {value}").access == stored
+    path = tmp_path / "access.log"
+    assert log(f"access = {path}").access == str(path)  # need not exist yet
+    path.write_text("")
+    assert log(f"access = {path}").access == str(path)
+    monkeypatch.chdir(tmp_path)
+    assert log("access = relative.log").access == "relative.log"  # relative to where balrs starts
+    assert log("access = ./off").access == "./off"  # a file named off
+    for fmt in ("common", "combined", "json", "JSON"):
+        assert log(f"format = {fmt}").format == fmt.lower()
+    for level in ("debug", "info", "warning", "ERROR"):
+        assert log(f"level = {level}").level == level.lower()
+    assert log("request_id = X-Request-ID").request_id == "X-Request-ID"  # spelling kept: it is sent so
+    assert log("request_id = x-correlation-id").request_id == "x-correlation-id"
+    assert log("request_id = Request_Id.v2~!").request_id == "Request_Id.v2~!"  # any RFC 9110 token
+    assert log("request_id =").request_id == ""
+    assert log("request_id = off").request_id == ""
+    assert log("Access: stderr", "FORMAT = json  ; comment").access == "stderr"
+
+
+LOG_INVALID: list[tuple[str, str, str, str]] = [
+    # (name, [log] line, key, fragment of the message)
+    ("format", "format = xml", "format", "unknown format 'xml' (expected common, combined, json)"),
+    ("format empty", "format =", "format", "unknown format"),
+    ("level", "level = verbose", "level", "unknown level 'verbose' (expected debug, info, warning, error)"),
+    ("level warn", "level = warn", "level", "unknown level 'warn'"),
+    ("request_id space", "request_id = X Request", "request_id", "not a valid header field name"),
+    ("request_id colon", "request_id = X-Id:", "request_id", "not a valid header field name"),
+    ("request_id non-ascii", "request_id = X-Id\u00e9", "request_id", "not a valid header field name"),
+    ("request_id host", "request_id = Host", "request_id", "balrs itself sets or frames by"),
+    ("request_id framing", "request_id = content-length", "request_id", "balrs itself"),
+    ("request_id xff", "request_id = X-Forwarded-For", "request_id", "balrs itself"),
+    ("access empty", "access =", "access", "expected off, stderr, stdout or a file path"),
+    ("access no dir", "access = /nonexistent-balrs-dir/x/access.log", "access",
+     "directory '/nonexistent-balrs-dir/x' does not exist"),
+    ("access is a dir", "access = /", "access", "is a directory"),
+    ("unknown key", "acess = stderr", "acess", "unknown key (did you mean 'access'?)"),
+    ("multi-line", "format = json\n  common", "format", "only listen may span several lines"),
+]
+
+
+@pytest.mark.parametrize("line, key, fragment", [case[1:] for case in LOG_INVALID],
+                         ids=[case[0] for case in LOG_INVALID])
+def test_log_invalid(line: str, key: str, fragment: str) -> None:
+    text = MINIMAL + "\n[log]\n; the line under test\n" + line + "\n"
+    err = parse_error(text)
+    lineno = text.split("\n").index(line.split("\n")[0]) + 1
+    assert (err.line, err.section, err.key) == (lineno, "log", key), str(err)
+    assert fragment in err.message, err.message
+    assert str(err).startswith(f"lb.ini:{lineno}: [log] {key}: ")
+    assert "\n" not in str(err)
+
+
+def test_log_access_directory_is_checked(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "access.log"
+    err = parse_error(MINIMAL + f"[log]\naccess = {missing}\n")
+    assert str(err) == f"lb.ini:7: [log] access: directory '{missing.parent}' does not exist"
+    err = parse_error(MINIMAL + f"[log]\naccess = {tmp_path}\n")
+    assert (err.line, err.key) == (7, "access") and "is a directory" in err.message
+
+
+def test_log_access_not_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[str, int]] = []
+
+    def no_access(path: str, mode: int) -> bool:  # as for a user without write permission (root has it)
+        asked.append((str(path), mode))
+        return False
+
+    monkeypatch.setattr(C.os, "access", no_access)
+    err = parse_error(MINIMAL + f"[log]\naccess = {tmp_path / 'access.log'}\n")
+    assert err.key == "access" and "not writable" in err.message
+    assert asked == [(str(tmp_path), os.W_OK)]  # the directory, where the file would be created
+    (tmp_path / "access.log").write_text("")
+    asked.clear()
+    parse_error(MINIMAL + f"[log]\naccess = {tmp_path / 'access.log'}\n")
+    assert asked == [(str(tmp_path / "access.log"), os.W_OK)]  # an existing file: the file itself
+
+
+def test_log_section_errors() -> None:
+    err = parse_error(MINIMAL + "[log]\nformat = json\n[log]\nformat = common\n")
+    assert (err.line, err.section, err.key) == (8, "log", None) and "duplicate section" in err.message
+    err = parse_error(MINIMAL + "[log]\nformat = json\nformat = common\n")
+    assert (err.line, err.key) == (8, "format") and "duplicate key" in err.message
+    err = parse_error(MINIMAL + "[logs]\n")
+    assert "unknown section" in err.message and "[log]" in err.message
+    err = parse_error(MINIMAL + "[Log]\n")  # section names are case-sensitive, as in configparser
+    assert "unknown section" in err.message
+
+
+def test_log_errors_do_not_hide_earlier_ones() -> None:
+    err = parse_error(BAL + "retries = x\n" + B1 + "[log]\nformat = xml\n")
+    assert err.line == 3 and err.key == "retries"
+    err = parse_error("[log]\nformat = xml\n" + BAL + B1)
+    assert (err.line, err.section, err.key) == (2, "log", "format")
+
+
+def test_log_key_table_matches_dataclass() -> None:
+    fields = {f.name: f.default for f in dataclasses.fields(C.LogConfig)}
+    assert {key: default for key, (_, default) in C._LOG_KEYS.items()} == fields
+    assert fields["request_id"] == ""  # off unless asked for
+
+
+def test_log_config_is_frozen() -> None:
+    cfg = parse(MINIMAL + "[log]\naccess = stderr\n")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.log.access = "off"  # type: ignore[misc]
+
+
+def test_bsuite_log_render_parses(tmp_path: Path) -> None:
+    targets = _import_bsuite_targets()
+    access = str(tmp_path / "access.log")
+    for log in ({"access": access, "format": "json", "request_id": "X-Request-ID"},
+                {"access": access, "format": "combined"}, {"request_id": "X-Request-ID"}):
+        text = targets.Balrs(str(Path(__file__).resolve().parent.parent)).render(bsuite_cfg(log=log))
+        parsed = parse(text).log
+        assert parsed == C.LogConfig(access=log.get("access", "off"), format=log.get("format", "combined"),
+                                     request_id=log.get("request_id", ""))
