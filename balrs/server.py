@@ -71,8 +71,8 @@ class Balancer:
         self.resolver = Resolver(reactor, self.pool, lambda: self.config.resolve_interval)
         self.ctx = ProxyContext(reactor, self.settings, self.pool, self.health, self.client_closed)
         self.access_log: Optional[LogSink] = None
-        self._log_config: Optional[LogConfig] = None
-        self._apply_log(config.log)
+        self._log_dropped = 0  # lines dropped by sinks a reload replaced
+        self._apply_log(config.log, self._open_log(config.log))
         admin = self._admin_config(config)
         self.admin: Optional[AdminServer] = self._make_admin(admin) if admin is not None else None
 
@@ -103,7 +103,7 @@ class Balancer:
 
     @property
     def log_dropped(self) -> int:
-        return self.access_log.dropped if self.access_log is not None else 0
+        return self._log_dropped + (self.access_log.dropped if self.access_log is not None else 0)
 
     @property
     def status_counts(self) -> List[int]:
@@ -114,23 +114,28 @@ class Balancer:
         return self.ctx.responses()
 
     # ---- logs ------------------------------------------------------------------------------------
-    def _apply_log(self, lc: LogConfig) -> None:
-        """Open (or keep, or close) the access log, and turn request ids on or off."""
-        ctx = self.ctx
-        ctx.request_ids = RequestIds().next if lc.request_id else None
-        if lc == self._log_config:
-            return
-        old = self.access_log
-        self._log_config = lc
+    def _open_log(self, lc: LogConfig) -> Optional[LogSink]:
+        """The sink ``lc`` needs: the current one if its destination is unchanged, else a new one.
+        Raises OSError (an unwritable file) before anything changes."""
         if lc.access == "off":
-            self.access_log = None
-            ctx.log_line = ctx.log_format = None
-        elif old is None or old.target != lc.access:
-            self.access_log = LogSink(lc.access)
-            ctx.log_line = self.access_log.write
-        ctx.log_format = make_formatter(lc.format) if lc.access != "off" else None
-        if old is not None and old is not self.access_log:
-            old.close()
+            return None
+        old = self.access_log
+        if old is not None and old.target == lc.access:
+            return old
+        return LogSink(lc.access)
+
+    def _apply_log(self, lc: LogConfig, sink: Optional[LogSink]) -> None:
+        """Switch to ``sink`` (from _open_log) and ``lc``'s format; turn request ids on or off."""
+        ctx = self.ctx
+        if (lc.request_id != "") != (ctx.request_ids is not None):
+            ctx.request_ids = RequestIds().next if lc.request_id else None
+        old = self.access_log
+        self.access_log = sink
+        ctx.log_line = sink.write if sink is not None else None
+        ctx.log_format = make_formatter(lc.format) if sink is not None else None
+        if old is not None and old is not sink:
+            self._log_dropped += old.dropped
+            old.close(0)  # on the loop: never wait for a slow destination (its writer finishes alone)
 
     def _on_usr1(self, signum: int) -> None:
         """logrotate: reopen the access log by its path."""
@@ -203,6 +208,7 @@ class Balancer:
         bound first (an error changes nothing), removed ones stop accepting; backends are matched by
         name and address so health state and counters carry over."""
         old = self.config
+        sink = self._open_log(config.log)  # an unwritable access log refuses the reload here
         new_admin, old_admin = self._admin_config(config), self._admin_config(old)
         admin_moved = new_admin is not None and self.admin is not None and new_admin != old_admin
         if admin_moved and self.admin is not None and new_admin is not None:
@@ -213,11 +219,13 @@ class Balancer:
         except OSError:
             if admin_moved and self.admin is not None and old_admin is not None:
                 self.admin.rebind(old_admin.listen)
+            if sink is not None and sink is not self.access_log:
+                sink.close(0)
             raise
 
         self.config = config
         self.settings = self.ctx.settings = Settings.from_config(config)
-        self._apply_log(config.log)
+        self._apply_log(config.log, sink)
         added, removed = self.pool.reload(
             config.backends, config.strategy, config.hash_key, lambda c: is_ip_literal(c.address.host))
         for b in removed:

@@ -5,7 +5,7 @@ listen address itself with SO_REUSEPORT, so the kernel spreads new connections o
 (nginx's ``reuseport``). The supervisor serves no traffic; like gunicorn's arbiter it:
 
 - forks the workers and restarts one that dies (with a growing delay if it keeps dying at once),
-- forwards SIGTERM/SIGINT (graceful drain) and SIGHUP (reload) to them,
+- forwards SIGTERM/SIGINT (graceful drain), SIGHUP (reload) and SIGUSR1 (reopen logs) to them,
 - re-reads the file on SIGHUP first, so an invalid file is reported once and changes nothing, and
   starts or stops workers when ``workers`` changed,
 - exits 0 once every worker has drained (killing stragglers after drain_timeout plus a grace period),
@@ -121,6 +121,7 @@ class Supervisor:
         r.add_signal_handler(signal.SIGTERM, self._on_stop)
         r.add_signal_handler(signal.SIGINT, self._on_stop)
         r.add_signal_handler(signal.SIGHUP, self._on_hup)
+        r.add_signal_handler(signal.SIGUSR1, self._on_usr1)
         r.add_signal_handler(signal.SIGCHLD, self._on_child)
         try:
             self.start_admin()
@@ -166,8 +167,12 @@ class Supervisor:
     def _become_worker(self) -> None:
         """In the child: drop the supervisor's loop, signal plumbing, admin sockets and the other
         workers' control channels before building our own."""
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+        # Until the worker's own handlers are installed, a reload or reopen signal must not kill it
+        # (their default action is to terminate): it is ignored meanwhile.
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         # Closed without unregistering: the selector (the parent's registrations) goes with them.
         if self.admin is not None:
@@ -188,6 +193,11 @@ class Supervisor:
         self.reactor.call_later(self.config.drain_timeout + STOP_GRACE, self._kill_stragglers)
         if not self.workers:
             self.reactor.stop()
+
+    def _on_usr1(self, signum: int) -> None:
+        """logrotate: every worker reopens its access log."""
+        log.info("supervisor: SIGUSR1, workers reopen their access logs")
+        self._signal_all(signal.SIGUSR1)
 
     def _on_hup(self, signum: int) -> None:
         if self.stopping:

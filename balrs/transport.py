@@ -48,6 +48,9 @@ LOW_WATER = 65536
 # sendmsg() gathers at most this many queued buffers per call (IOV_MAX is 1024 on Linux).
 MAX_IOV = 64
 
+# timer_when while no timer is set.
+_NEVER = float("inf")
+
 # connect_ex() results that mean "in progress" (EAGAIN: a Unix socket's backlog, or loopback under load).
 _CONNECT_PENDING = (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
 
@@ -129,7 +132,7 @@ class Transport:
         self.broken = False           # a send failed; connection_lost is on its way
         self.last_write = reactor.now  # the last time the peer took bytes (the send-stall clock)
         self.timer = None
-        self.timer_when = 0.0
+        self.timer_when = _NEVER  # when the timer fires; _NEVER while none is set
         self._io = self._on_io
         self._timer_cb = self._on_timer
         if connecting:
@@ -208,28 +211,25 @@ class Transport:
     # ---- timer ----
     def arm(self, when: float) -> None:
         """Make sure ``timer_fired`` runs no later than ``when`` (it may run earlier; the protocol then
-        re-arms for the deadline it really has: lazy re-arm, STYLE habit 10)."""
+        re-arms for the deadline it really has: lazy re-arm, STYLE habit 10). A deadline that moved
+        later costs nothing: hot paths test ``when < transport.timer_when`` before calling."""
+        if when >= self.timer_when:
+            return
         t = self.timer
         if t is not None:
-            if self.timer_when <= when:
-                return
             t.cancel()
         self.timer = self.reactor.wheel.call_at(when, self._timer_cb)
         self.timer_when = when
-
-    def arm_later(self, when: float) -> None:
-        """Like :meth:`arm`, but only when no earlier timer is set (the common "deadline moved later"
-        case costs one comparison)."""
-        if self.timer_when > when or self.timer is None:
-            self.arm(when)
 
     def disarm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.timer_when = _NEVER
 
     def _on_timer(self) -> None:
         self.timer = None
+        self.timer_when = _NEVER
         if self.closed:
             return
         try:

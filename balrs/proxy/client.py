@@ -71,18 +71,28 @@ _CLIENT_NEXT = {
     C_CLOSED: frozenset(),
 }
 
+# Transitions the hot path makes by assignment, from a source state it has just tested: each is
+# checked against the table here, once, instead of on every request.
+_HOT_TRANSITIONS = ((C_IDLE, C_WAIT), (C_HEAD, C_WAIT), (C_WAIT, C_IDLE))
+for _a, _b in _HOT_TRANSITIONS:
+    if _b not in _CLIENT_NEXT[_a]:
+        raise AssertionError("client connection: no transition %d -> %d" % (_a, _b))
+
 
 class ClientConn(Protocol):
     """One client connection (see the module docstring)."""
 
     __slots__ = (
-        "ctx", "tr", "inbuf", "client_ip", "client_ip_b", "suffix", "ex", "req_bytes", "body", "upstream",
+        "ctx", "settings", "tr", "inbuf", "client_ip", "client_ip_b", "suffix", "ex", "req_bytes", "body", "upstream",
         "close_after", "eof", "idle_since", "head_start", "last_read", "processing", "linger_start",
         "linger_bytes", "paused_for_pipeline", "queued_at", "ticket", "state", "__weakref__",
     )
 
     def __init__(self, ctx: ProxyContext, sock: socket.socket, client_ip: str) -> None:
         self.ctx = ctx
+        # The settings of the request in progress: taken from the context when a request starts, so a
+        # reload applies from the next request on, never half-way through one.
+        self.settings = ctx.settings
         now = ctx.reactor.now
         self.state = C_IDLE
         self.inbuf = HeadBuffer(ctx.settings.max_header_bytes)
@@ -166,7 +176,7 @@ class ClientConn(Protocol):
             # Pipelined requests wait here until the response in progress is done (answers keep
             # request order); past the limit, stop reading.
             self.inbuf.buf += data
-            if len(self.inbuf.buf) > self.ctx.settings.pipeline_limit:
+            if len(self.inbuf.buf) > self.settings.pipeline_limit:
                 self.paused_for_pipeline = True
                 self.tr.pause_reading()
         elif state == C_TUNNEL:
@@ -205,7 +215,7 @@ class ClientConn(Protocol):
     def _head_started(self) -> None:
         self._to(C_HEAD)
         now = self.head_start = self.ctx.reactor.now
-        self.tr.arm(now + self.ctx.settings.header_timeout)
+        self.tr.arm(now + self.settings.header_timeout)
 
     def _process_input(self) -> None:
         """Start requests from buffered (pipelined) input while the connection is ready for one."""
@@ -233,7 +243,7 @@ class ClientConn(Protocol):
     # ---- requests ------------------------------------------------------------------------------
     def _start_request(self, head: bytes) -> None:
         ctx = self.ctx
-        settings = ctx.settings
+        self.settings = settings = ctx.settings
         now = ctx.reactor.now
         try:
             req = parse_request_head(head)
@@ -252,17 +262,19 @@ class ClientConn(Protocol):
             self._request_id(ex, req)
         if req.framing == NO_BODY or (req.framing == LENGTH and req.length == 0):
             ex.request_done = True
-            self._to(C_WAIT)
+            self.state = C_WAIT  # C_IDLE/C_HEAD -> C_WAIT: in _HOT_TRANSITIONS
             self.body = None
         else:
             self._to(C_BODY)
             self.last_read = now
-            self.tr.arm_later(now + settings.body_timeout)
+            when = now + settings.body_timeout
+            if when < self.tr.timer_when:
+                self.tr.arm(when)
             self.body = (BodyRelay(CHUNKED, CHUNKED, 0,
                                    ChunkedDecoder(settings.max_body_bytes, settings.max_header_bytes, 400))
                          if req.framing == CHUNKED else BodyRelay(LENGTH, LENGTH, req.length))
         pool = ctx.pool
-        backend = pool.choose(req, self.client_ip)
+        backend = pool.choose(req, self.client_ip) if pool.limited else pool.strategy.choose(req, self.client_ip)
         if backend is None:
             if pool.all_full():
                 self._enqueue()
@@ -274,7 +286,7 @@ class ClientConn(Protocol):
 
     def _request_id(self, ex: Exchange, req: RequestHead) -> None:
         """Keep the client's request id if it is valid, else make one; it goes upstream and back."""
-        settings = self.ctx.settings
+        settings = self.settings
         got = req.find_field(settings.request_id)
         if got is not None and valid_request_id(got):
             ex.request_id = got
@@ -293,12 +305,17 @@ class ClientConn(Protocol):
         if rid is None:
             data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
         else:
-            settings = self.ctx.settings
-            kept = req.find_field(settings.request_id) == rid
-            data = upstream_request_head(
-                req, self.client_ip_b, self.suffix, backend.host_header,
-                b"" if kept else b"%s: %s\r\n" % (settings.request_id_field, rid),
-                None if kept or req.find_field(settings.request_id) is None else settings.request_id)
+            settings = self.settings
+            sent = req.find_field(settings.request_id)
+            if sent == rid:
+                # The client's valid id goes on as it came.
+                data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
+            else:
+                # Ours is added; an invalid one the client sent is removed.
+                data = upstream_request_head(
+                    req, self.client_ip_b, self.suffix, backend.host_header,
+                    b"%s: %s\r\n" % (settings.request_id_field, rid),
+                    None if sent is None else settings.request_id)
         self.req_bytes = data
         up = backend.idle.take()
         if up is not None:
@@ -316,7 +333,7 @@ class ClientConn(Protocol):
         self._to(C_QUEUED)
         self.ticket = self.ctx.pool.enqueue(self)
         self.tr.pause_reading()
-        self.tr.arm(now + self.ctx.settings.queue_timeout)
+        self.tr.arm(now + self.settings.queue_timeout)
 
     def dequeue(self) -> bool:
         """Called by the pool when a backend slot may be free: take it if so. Returns False when this
@@ -360,7 +377,7 @@ class ClientConn(Protocol):
                 idle_up.send_request(ex, self, pending if isinstance(pending, bytes) else b"".join(pending))
                 return
         try:
-            up = UpstreamConn(self.ctx, backend)
+            up = UpstreamConn(self.ctx, backend, self.settings)
         except OSError as exc:
             # No socket for it (EMFILE...): nothing was sent; answer now.
             log.error("backend %s: cannot open a connection: %s", backend.name, exc)
@@ -399,7 +416,7 @@ class ClientConn(Protocol):
         else:
             # The response already came and went (the backend answered early): no keep-alive.
             self.close_after = True
-        if len(self.inbuf.buf) > self.ctx.settings.pipeline_limit:
+        if len(self.inbuf.buf) > self.settings.pipeline_limit:
             self.paused_for_pipeline = True
             self.tr.pause_reading()
 
@@ -451,7 +468,7 @@ class ClientConn(Protocol):
     def _with_request_id(self, head: bytes) -> bytes:
         ex = self.ex
         assert ex is not None and ex.request_id is not None
-        return b"%s%s: %s\r\n\r\n" % (head[:-2], self.ctx.settings.request_id_field, ex.request_id)
+        return b"%s%s: %s\r\n\r\n" % (head[:-2], self.settings.request_id_field, ex.request_id)
 
     def interim_response(self, head: bytes) -> None:
         """A 1xx other than 101: RFC 9110 §15.2 has proxies forward it, except to HTTP/1.0 clients."""
@@ -466,9 +483,24 @@ class ClientConn(Protocol):
         if ex is not None:
             self.ex = None
             self.ctx.finish(ex, END_OK)
+        if self.state == C_WAIT and not self.close_after and not self.eof:
+            # Keep-alive, the common case (what _next_request does, inlined).
+            self.state = C_IDLE  # C_WAIT -> C_IDLE: in _HOT_TRANSITIONS
+            now = self.idle_since = self.ctx.reactor.now
+            tr = self.tr
+            when = now + self.settings.client_timeout
+            if when < tr.timer_when:
+                tr.arm(when)
+            if self.paused_for_pipeline or not tr.reading:
+                self.paused_for_pipeline = False
+                tr.resume_reading()
+            if self.inbuf.buf:
+                self._process_input()
+            return
         self._next_request()
 
     def _next_request(self) -> None:
+        """The exchange is over: wait for the next request, or close."""
         state = self.state
         if state >= C_TUNNEL:
             return
@@ -483,7 +515,9 @@ class ClientConn(Protocol):
         self.body = None
         now = self.idle_since = self.ctx.reactor.now
         tr = self.tr
-        tr.arm_later(now + self.ctx.settings.client_timeout)
+        when = now + self.settings.client_timeout
+        if when < tr.timer_when:
+            tr.arm(when)
         if self.paused_for_pipeline or not tr.reading:
             self.paused_for_pipeline = False
             if not self.eof:
@@ -503,7 +537,7 @@ class ClientConn(Protocol):
             self.paused_for_pipeline = False
             if not self.eof:
                 self.tr.resume_reading()
-        self.tr.arm(now + self.ctx.settings.tunnel_timeout)
+        self.tr.arm(now + self.settings.tunnel_timeout)
 
     def upstream_failed(self, why: int, pending: Optional[Deque[Chunk]], nbytes: int) -> None:
         """The upstream connection failed (it has closed itself and released its backend slot)."""
@@ -535,7 +569,7 @@ class ClientConn(Protocol):
             tried.append(backend)
             if why == F_CONNECT_TIMEOUT:
                 ex.timeouts += 1
-            if len(tried) <= self.ctx.settings.retries:
+            if len(tried) <= self.settings.retries:
                 other = self.ctx.pool.choose(req, self.client_ip, tried)
                 if other is not None and pending is not None:
                     log.info("connect to %s failed, retrying on %s", backend.name, other.name)
@@ -575,7 +609,7 @@ class ClientConn(Protocol):
             ex.resp_started = True
             if ex.request_id is not None:
                 i = data.index(b"\r\n") + 2
-                data = b"%s%s: %s\r\n%s" % (data[:i], self.ctx.settings.request_id_field, ex.request_id, data[i:])
+                data = b"%s%s: %s\r\n%s" % (data[:i], self.settings.request_id_field, ex.request_id, data[i:])
         return data
 
     def _write_error(self, status: int, end: str) -> None:
@@ -603,7 +637,7 @@ class ClientConn(Protocol):
 
     # ---- flow control --------------------------------------------------------------------------
     def write_queued(self) -> None:
-        self.tr.arm_later(self.ctx.reactor.now + self.ctx.settings.send_timeout)
+        self.tr.arm(self.ctx.reactor.now + self.settings.send_timeout)
 
     def pause_for_upstream(self) -> None:
         """The upstream's queue is full: stop reading body (or tunnel) bytes from the client."""
@@ -617,7 +651,7 @@ class ClientConn(Protocol):
             now = self.last_read = self.ctx.reactor.now
             tr.resume_reading()
             if state == C_BODY:
-                tr.arm(now + self.ctx.settings.body_timeout)
+                tr.arm(now + self.settings.body_timeout)
 
     def pause_writing(self) -> None:
         up = self.upstream
@@ -642,7 +676,7 @@ class ClientConn(Protocol):
 
     # ---- timers --------------------------------------------------------------------------------
     def timer_fired(self) -> None:
-        settings = self.ctx.settings
+        settings = self.settings
         now = self.ctx.reactor.now
         state = self.state
         tr = self.tr
@@ -735,7 +769,7 @@ class ClientConn(Protocol):
         if not tr.out_bytes:
             self._shutdown_write()
         else:
-            tr.arm(self.linger_start + self.ctx.settings.send_timeout)
+            tr.arm(self.linger_start + self.settings.send_timeout)
 
     def _shutdown_write(self) -> None:
         """The last byte is out: close, or half-close and linger."""
@@ -766,7 +800,7 @@ class ClientConn(Protocol):
             self.close()
         else:
             tr.pause_reading()
-            tr.arm(self.linger_start + self.ctx.settings.send_timeout)
+            tr.arm(self.linger_start + self.settings.send_timeout)
 
     def tunnel_progress(self) -> None:
         """After an end-of-stream or a drained queue in a tunnel: pass each side's FIN on once what it

@@ -20,7 +20,7 @@ import logging
 from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 from ..http.heads import RequestHead, ResponseHead
-from ..transport import Chunk
+from ..transport import Chunk, Transport
 
 if TYPE_CHECKING:
     from ..pool import Backend, Pool
@@ -68,6 +68,11 @@ class Downstream(Protocol):
     """What the upstream side may ask of the client side of an exchange."""
 
     close_after: bool
+    # The settings the exchange runs with (taken when its request started).
+    settings: Settings
+    # The client's transport: the upstream side writes response bytes straight into it (counting them
+    # in the exchange's bytes_out).
+    tr: Transport
 
     def write(self, data: Chunk) -> None: ...
 
@@ -123,7 +128,14 @@ class ProxyContext:
         if ex.status:
             self.status_counts[ex.status] += 1
         if ex.slot:
-            ex.release()
+            # ex.release(), inlined: the exchange's end is where its last attempt's slot frees.
+            ex.slot = False
+            backend = ex.be
+            assert backend is not None
+            if backend.release_slot():
+                pool = ex.pool_ref
+                if pool is not None:
+                    pool.wake()
         write = self.log_line
         if write is not None:
             fmt = self.log_format
@@ -164,7 +176,7 @@ class Exchange:
         self.t_connected = 0.0        # a backend connection took the request
         self.t_response = 0.0         # the response head arrived
         self.t_done = 0.0
-        self.wall_start = wall
+        self.wall_start = wall        # time.time() then (only when an access log needs it)
         self.end: Optional[str] = None
         self.request_id: Optional[bytes] = None
         self.request_done = False     # the whole request (head and body) was read from the client

@@ -30,6 +30,7 @@ from .exchange import (
 
 if TYPE_CHECKING:
     from ..pool import Backend
+    from ..settings import Settings
 
 __all__ = ["UpstreamConn", "UPSTREAM_RECV_SIZE", "POOL_IDLE_TIMEOUT", "readable_poll"]
 
@@ -60,6 +61,13 @@ _UPSTREAM_NEXT = {
     U_CLOSED: frozenset(),
 }
 
+# Transitions the hot path makes by assignment, from a source state it knows: each is checked
+# against the table here, once, instead of on every request.
+_HOT_TRANSITIONS = ((U_IDLE, U_HEAD), (U_HEAD, U_IDLE), (U_BODY, U_IDLE))
+for _a, _b in _HOT_TRANSITIONS:
+    if _b not in _UPSTREAM_NEXT[_a]:
+        raise AssertionError("upstream connection: no transition %d -> %d" % (_a, _b))
+
 
 def readable_poll(fd: int) -> select.poll:
     """A poll object watching ``fd`` for anything to read (bytes, FIN or reset), for a no-wait check."""
@@ -72,7 +80,7 @@ class UpstreamConn(Protocol):
     """One connection to a backend (see the module docstring)."""
 
     __slots__ = (
-        "ctx", "tr", "backend", "ex", "down", "hbuf", "body", "keep", "reused", "got_bytes", "last_active",
+        "ctx", "settings", "tr", "backend", "ex", "down", "hbuf", "body", "keep", "reused", "got_bytes", "last_active",
         "connect_start", "head_request", "idle_since", "peer_eof", "sent_at", "read_full", "peek_poll",
         "state", "__weakref__",
     )
@@ -80,14 +88,17 @@ class UpstreamConn(Protocol):
     # A backend may answer early and close its reading side: keep reading what it sent.
     read_after_write_error = True
 
-    def __init__(self, ctx: ProxyContext, backend: Backend) -> None:
+    def __init__(self, ctx: ProxyContext, backend: Backend, settings: Settings) -> None:
         """Start connecting to ``backend``. Raises OSError when no socket can be made (EMFILE)."""
         self.ctx = ctx
+        # The settings of the exchange it serves (the client side's: a reload applies from the next
+        # request on).
+        self.settings = settings
         now = ctx.reactor.now
         self.backend = backend
         self.ex: Optional[Exchange] = None
         self.down: Optional[Downstream] = None
-        self.hbuf = HeadBuffer(ctx.settings.max_response_head, RESPONSE)
+        self.hbuf = HeadBuffer(settings.max_response_head, RESPONSE)
         self.body: Optional[BodyRelay] = None
         self.keep = True
         self.reused = False
@@ -102,7 +113,7 @@ class UpstreamConn(Protocol):
         self.state = U_CONNECTING
         self.tr = tr = connect(ctx.reactor, backend.family, backend.sockaddr, self, UPSTREAM_RECV_SIZE)
         self.peek_poll = readable_poll(tr.fd)  # see clean()
-        tr.arm(now + ctx.settings.connect_timeout)
+        tr.arm(now + settings.connect_timeout)
 
     def __repr__(self) -> str:
         return "<UpstreamConn %s state=%d>" % (self.backend.name, self.state)
@@ -113,32 +124,37 @@ class UpstreamConn(Protocol):
         self.state = state
 
     # ---- taking a request on -------------------------------------------------------------------------
-    def _take(self, ex: Exchange, down: Downstream) -> None:
-        self.ex = ex
-        self.down = down
-        pool = self.ctx.pool
-        ex.take(pool, self.backend)
-        req = ex.req
-        self.head_request = req is not None and req.method == b"HEAD"
-        self.last_active = self.sent_at = self.ctx.reactor.now
-
     def attach(self, ex: Exchange, down: Downstream, pending: Union[bytes, Deque[Chunk]], nbytes: int) -> None:
         """Take on a request while connecting: ``pending`` holds its bytes so far (the head, or after a
         failed connect everything that connection did not send)."""
-        self._take(ex, down)
+        self.ex = ex
+        self.down = down
+        self.settings = down.settings
+        ex.take(self.ctx.pool, self.backend)
+        req = ex.req
+        self.head_request = req is not None and req.method == b"HEAD"
+        self.last_active = self.sent_at = self.ctx.reactor.now
         self.tr.queue(pending, nbytes)
 
     def send_request(self, ex: Exchange, down: Downstream, data: bytes) -> None:
         """Take on a request on this idle pooled connection, and send its head now."""
-        self._take(ex, down)
+        self.ex = ex
+        self.down = down
+        self.settings = settings = down.settings
+        ex.take(self.ctx.pool, self.backend)
+        req = ex.req
+        self.head_request = req is not None and req.method == b"HEAD"
+        now = self.last_active = self.sent_at = ex.t_connected = self.ctx.reactor.now
         self.got_bytes = False
         self.keep = True
         self.body = None
         self.reused = True
-        self._to(U_HEAD)
-        ex.t_connected = self.sent_at
-        self.tr.arm(self.sent_at + self.ctx.settings.backend_timeout)
-        self.tr.write(data)
+        self.state = U_HEAD  # U_IDLE -> U_HEAD (an idle pooled connection): in _HOT_TRANSITIONS
+        tr = self.tr
+        when = now + settings.backend_timeout
+        if when < tr.timer_when:
+            tr.arm(when)
+        tr.write(data)
 
     def write_body(self, data: Chunk) -> None:
         """Request body bytes; they also count as activity on this exchange."""
@@ -151,7 +167,7 @@ class UpstreamConn(Protocol):
     def request_sent(self) -> None:
         """The client's request is complete: a response is due from now on (backend_timeout)."""
         now = self.last_active = self.ctx.reactor.now
-        self.tr.arm(now + self.ctx.settings.backend_timeout)
+        self.tr.arm(now + self.settings.backend_timeout)
 
     def _detach(self) -> Optional[Downstream]:
         """Let go of the exchange (its backend slot frees)."""
@@ -170,7 +186,7 @@ class UpstreamConn(Protocol):
         ex = self.ex
         if ex is not None:
             ex.t_connected = now
-        self.tr.arm(now + self.ctx.settings.backend_timeout)
+        self.tr.arm(now + self.settings.backend_timeout)
 
     def connect_failed(self, err: int) -> None:
         self._connect_failed(F_CONNECT_REFUSED, err)
@@ -205,7 +221,11 @@ class UpstreamConn(Protocol):
                 return
             down = self.down
             if down is not None and parts:
-                down.write_parts(parts)
+                out = parts[0] if len(parts) == 1 else b"".join(parts)
+                ex = self.ex
+                if ex is not None:
+                    ex.bytes_out += len(out)
+                down.tr.write(out)
             if body.done:
                 if used < len(data):
                     self.keep = False  # more bytes than the body: do not trust this connection again
@@ -268,7 +288,8 @@ class UpstreamConn(Protocol):
                 # together with the body bytes of this read, in one send.
                 ex.resp_started = True
                 ex.status = status
-                down.write(data)
+                ex.bytes_out += len(data)
+                down.tr.write(data)
                 if left:
                     self.body = BodyRelay(LENGTH, LENGTH, left)
                     self._to(U_BODY)
@@ -286,7 +307,7 @@ class UpstreamConn(Protocol):
         self._to(U_BODY)
         self.body = body = BodyRelay(
             framing, out_framing, resp.length,
-            ChunkedDecoder(0, self.ctx.settings.max_response_head, 502) if framing == CHUNKED else None)
+            ChunkedDecoder(0, self.settings.max_response_head, 502) if framing == CHUNKED else None)
         parts: List[Chunk] = [client_head]
         if rest:
             try:
@@ -303,23 +324,30 @@ class UpstreamConn(Protocol):
 
     def _response_complete(self) -> None:
         ex = self.ex
-        request_done = ex is not None and ex.request_done
-        down = self._detach()
+        down = self.down
+        request_done = False
+        if ex is not None:
+            # Let go of the exchange; its backend slot frees when the client side finishes it, next.
+            request_done = ex.request_done
+            self.ex = None
+            self.down = None
         self.body = None
         backend = self.backend
         ctx = self.ctx
-        if (self.keep and request_done and not self.tr.out_bytes and self.state != U_CLOSED
+        tr = self.tr
+        if (self.keep and request_done and not tr.out_bytes and self.state != U_CLOSED
                 and not ctx.draining and not backend.draining
                 and (not self.read_full or self.clean()) and backend.idle.put(self, self.peek_poll)):
             # Back to the pool: the request went out whole and the response came in whole. (A read that
             # did not fill its buffer took everything the kernel had, so bytes after the response would
             # have been in it; after a full one, look: a response may end exactly on a read boundary.)
-            self._to(U_IDLE)
+            self.state = U_IDLE  # U_HEAD/U_BODY -> U_IDLE: in _HOT_TRANSITIONS
             now = self.idle_since = ctx.reactor.now
-            tr = self.tr
             if not tr.reading:
                 tr.resume_reading()
-            tr.arm(now + POOL_IDLE_TIMEOUT)
+            when = now + POOL_IDLE_TIMEOUT
+            if when < tr.timer_when:
+                tr.arm(when)
         else:
             self.close()
         if down is not None:
@@ -378,7 +406,7 @@ class UpstreamConn(Protocol):
             backend.record_failure()
             self.ctx.outliers.failure(backend, "timeout" if why == F_TIMEOUT else "reset")
             log.warning("backend %s: %s", backend.name,
-                        message or ("timed out after %gs" % self.ctx.settings.backend_timeout))
+                        message or ("timed out after %gs" % self.settings.backend_timeout))
         down = self._detach()
         self._to(U_CLOSED)
         self.tr.close()
@@ -431,10 +459,10 @@ class UpstreamConn(Protocol):
             now = self.last_active = self.ctx.reactor.now
             tr.resume_reading()
             if self.state == U_HEAD or self.state == U_BODY:
-                tr.arm(now + self.ctx.settings.backend_timeout)
+                tr.arm(now + self.settings.backend_timeout)
 
     def write_queued(self) -> None:
-        self.tr.arm(self.ctx.reactor.now + self.ctx.settings.backend_timeout)
+        self.tr.arm(self.ctx.reactor.now + self.settings.backend_timeout)
 
     def pause_writing(self) -> None:
         down = self.down
@@ -476,7 +504,7 @@ class UpstreamConn(Protocol):
 
     # ---- timers --------------------------------------------------------------------------------
     def timer_fired(self) -> None:
-        settings = self.ctx.settings
+        settings = self.settings
         now = self.ctx.reactor.now
         state = self.state
         tr = self.tr
