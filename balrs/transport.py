@@ -133,7 +133,8 @@ class Transport:
         self.last_write = reactor.now  # the last time the peer took bytes (the send-stall clock)
         self.timer = None
         self.timer_when = _NEVER  # when the timer fires; _NEVER while none is set
-        self._io = self._on_io
+        # While connecting the selector calls _on_connect_io, then _on_io (no per-event test).
+        self._io = self._on_connect_io if connecting else self._on_io
         self._timer_cb = self._on_timer
         if connecting:
             self._set_events(EVENT_WRITE)
@@ -159,9 +160,6 @@ class Transport:
 
     def _on_io(self, mask: int) -> None:
         try:
-            if self.connecting:
-                self._connect_event()
-                return
             if mask & EVENT_WRITE and self.out:
                 self._flush()
             if mask & EVENT_READ and self.events & EVENT_READ:
@@ -180,13 +178,28 @@ class Transport:
             self.protocol.internal_error()
 
     # ---- connecting ----
+    def _on_connect_io(self, mask: int) -> None:
+        try:
+            self._connect_event()
+        except Exception:
+            self.protocol.internal_error()
+
     def _connect_event(self) -> None:
+        if self.closed:
+            return
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.protocol.connect_failed(err)
             return
         self.connecting = False
-        self._set_events((EVENT_READ if self.reading else 0) | (EVENT_WRITE if self.out else 0))
+        self._io = self._on_io
+        # Registered for EVENT_WRITE while connecting: the new mask and callback in one modify.
+        events = (EVENT_READ if self.reading else 0) | (EVENT_WRITE if self.out else 0)
+        if events:
+            self.reactor.modify(self.fd, events, self._io)
+        else:
+            self.reactor.unregister(self.fd)
+        self.events = events
         self.protocol.connection_made()
         if self.out and not self.closed:
             self._flush()

@@ -29,7 +29,7 @@ from ..transport import Chunk, Protocol, Transport
 from .exchange import (
     END_BACKEND_ERROR, END_BACKEND_TIMEOUT, END_CLIENT_ABORT, END_CLIENT_TIMEOUT, END_INTERNAL,
     END_NO_BACKEND, END_OK, END_QUEUE_TIMEOUT, END_REJECTED, END_SHUTDOWN, END_TUNNEL, F_CONNECT_REFUSED,
-    F_CONNECT_TIMEOUT, F_INTERNAL, F_STALE, F_TIMEOUT, Exchange, ProxyContext,
+    F_CONNECT_TIMEOUT, F_INTERNAL, F_STALE, F_TIMEOUT, Attempts, Exchange, ProxyContext,
 )
 from .upstream import UpstreamConn
 
@@ -556,28 +556,29 @@ class ClientConn(Protocol):
         backend = up.backend if up is not None else ex.be
         assert backend is not None
         if why == F_CONNECT_REFUSED or why == F_CONNECT_TIMEOUT:
-            if pending is not None and ex.addr_retries < len(backend.addrs) - 1 and backend.next_address():
+            failed = ex.failed
+            if failed is None:
+                failed = ex.failed = Attempts()
+            if pending is not None and failed.addr_retries < len(backend.addrs) - 1 and backend.next_address():
                 # A host name with several addresses: the next one first (it does not count as a retry).
-                ex.addr_retries += 1
+                failed.addr_retries += 1
                 log.info("backend %s: trying its next address %s", backend.name, backend.sockaddr[0])
                 self._send_to(backend, pending, nbytes, True)
                 return
             # Nothing reached a backend: the unsent bytes can go to another one.
-            tried = ex.tried
-            if tried is None:
-                tried = ex.tried = []
+            tried = failed.tried
             tried.append(backend)
             if why == F_CONNECT_TIMEOUT:
-                ex.timeouts += 1
+                failed.timeouts += 1
             if len(tried) <= self.settings.retries:
                 other = self.ctx.pool.choose(req, self.client_ip, tried)
                 if other is not None and pending is not None:
                     log.info("connect to %s failed, retrying on %s", backend.name, other.name)
-                    ex.retries += 1
+                    failed.retries += 1
                     self._send_to(other, pending, nbytes, False)
                     return
             # RFC 9110 §15.6.5: every try timed out -> 504; otherwise nothing could be connected -> 502.
-            if ex.timeouts == len(tried):
+            if failed.timeouts == len(tried):
                 self._reply_error(504, END_BACKEND_TIMEOUT)
             else:
                 self._reply_error(502, END_BACKEND_ERROR)

@@ -149,14 +149,28 @@ class ProxyContext:
         return {code: n for code, n in enumerate(self.status_counts) if n}
 
 
+class Attempts:
+    """What failed attempts of an exchange leave behind (most exchanges have none)."""
+
+    __slots__ = ("tried", "retries", "timeouts", "addr_retries")
+
+    def __init__(self) -> None:
+        self.tried: List[Backend] = []  # backends a connect failed on, in order
+        self.retries = 0                # other backends tried
+        self.timeouts = 0               # connect tries that timed out
+        self.addr_retries = 0           # other addresses of a backend's host name tried
+
+
 class Exchange:
     """One request/response (see the module docstring)."""
 
     __slots__ = (
-        "req", "client", "pool_ref", "be", "slot", "route", "tried", "retries", "timeouts", "addr_retries",
-        "status", "bytes_in", "bytes_out", "t_start", "t_connected", "t_response", "t_done", "wall_start",
-        "end", "request_id", "request_done", "resp_started",
+        "req", "client", "pool_ref", "be", "slot", "failed", "status", "bytes_in", "bytes_out", "t_start",
+        "t_connected", "t_response", "t_done", "wall_start", "end", "request_id", "request_done",
+        "resp_started",
     )
+
+    t_done: float
 
     def __init__(self, req: Optional[RequestHead], client: str, now: float, wall: float, bytes_in: int) -> None:
         self.req = req
@@ -164,18 +178,14 @@ class Exchange:
         self.pool_ref: Optional[Pool] = None
         self.be: Optional[Backend] = None  # the backend of the current (last) attempt
         self.slot = False             # holds a slot of ``be`` (one in-flight request)
-        self.route: Optional[str] = None
-        self.tried: Optional[List[Backend]] = None  # backends a connect failed on, in order
-        self.retries = 0
-        self.timeouts = 0             # connect tries that timed out
-        self.addr_retries = 0         # other addresses of a backend's host name tried
+        self.failed: Optional[Attempts] = None  # made at the first failed attempt (rare)
         self.status = 0               # the status sent to the client (0: none yet)
         self.bytes_in = bytes_in      # request bytes read from the client (head and body)
         self.bytes_out = 0            # response bytes queued for the client (head and body)
         self.t_start = now            # the request head was complete
         self.t_connected = 0.0        # a backend connection took the request
         self.t_response = 0.0         # the response head arrived
-        self.t_done = 0.0
+        # t_done: set by ProxyContext.finish (nothing reads it before).
         self.wall_start = wall        # time.time() then (only when an access log needs it)
         self.end: Optional[str] = None
         self.request_id: Optional[bytes] = None
@@ -231,6 +241,16 @@ class Exchange:
     @property
     def referer(self) -> Optional[bytes]:
         return self.req.find_field(b"referer") if self.req is not None else None
+
+    @property
+    def retries(self) -> int:
+        failed = self.failed
+        return failed.retries if failed is not None else 0
+
+    @property
+    def route(self) -> Optional[str]:
+        """The route that matched (routing comes with the route table; until then: none)."""
+        return None
 
     @property
     def backend(self) -> Optional[str]:
