@@ -60,6 +60,8 @@ WRITE_BATCH_BYTES = 64 * 1024
 PIPE_BATCH_BYTES = getattr(select, "PIPE_BUF", 512)
 # The writer sleeps on an Event that write() sets only when the writer is idle; this is the longest
 # it sleeps without one (a safety net, not a poll: an idle sink wakes once a second).
+# How long the writer waits for more lines after a batch before it goes idle (and needs waking).
+WRITER_GATHER = 0.02
 WRITER_IDLE_WAIT = 1.0
 # A destination that refuses writes without blocking (a non-blocking pipe) is waited for this long.
 WRITE_READY_WAIT = 1.0
@@ -512,6 +514,12 @@ class LogSink:
             self._drained.set()
             if self._closed:
                 break
+            # Let lines gather before going idle: under traffic the writer then takes one batch per
+            # WRITER_GATHER and the loop never has to wake it (an Event.set per line would cost more
+            # than formatting the line).
+            time.sleep(WRITER_GATHER)
+            if lines:
+                continue
             wake.clear()
             self._idle = True
             # write() may have appended after the check above and seen the writer busy: look again.

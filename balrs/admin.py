@@ -25,8 +25,8 @@ from .http.build import REASONS
 from .http.errors import ProtocolError
 from .http.heads import HeadBuffer, RequestHead, parse_request_head
 from .metrics import CONTENT_TYPE, STATUS_CONTENT_TYPE, Snapshot, json_body, metrics_text, status_of
-from .reactor import EVENT_READ, EVENT_WRITE, Reactor
-from .timerwheel import Timer
+from .reactor import Reactor
+from .transport import Protocol, Transport
 
 if TYPE_CHECKING:
     from .config import Address
@@ -232,94 +232,85 @@ class AdminServer:
         return build_response(200, ctype, body, head_only)
 
 
-class _AdminConn:
-    """One admin connection: read a request head, write one response, linger, close."""
+class _AdminConn(Protocol):
+    """One admin connection, a protocol on its :class:`~balrs.transport.Transport`: read a request
+    head, write one response, linger, close."""
 
-    __slots__ = ("admin", "reactor", "sock", "fd", "events", "state", "head", "out", "deadline", "timer",
-                 "discarded", "_io")
+    __slots__ = ("admin", "reactor", "tr", "state", "head", "deadline", "discarded")
 
     def __init__(self, admin: AdminServer, sock: socket.socket) -> None:
         self.admin = admin
         self.reactor = admin.reactor
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.events = 0
         self.state = _READ
         self.head = HeadBuffer(ADMIN_HEAD_LIMIT)
-        self.out: memoryview = memoryview(b"")
         self.discarded = 0
-        self.timer: Optional[Timer] = None
         self.deadline = 0.0
-        self._io = self._on_io
-        self._set_events(EVENT_READ)
+        self.tr = Transport(self.reactor, sock, self, ADMIN_RECV_SIZE)
         self._set_deadline(self.reactor.now + ADMIN_REQUEST_TIMEOUT)
 
     def __repr__(self) -> str:
-        return "<AdminConn fd=%d state=%d>" % (self.fd, self.state)
+        return "<AdminConn fd=%d state=%d>" % (self.tr.fd, self.state)
 
-    # ---- selector and timer ----
-    def _set_events(self, events: int) -> None:
-        old = self.events
-        if events == old:
-            return
-        if old == 0:
-            self.reactor.register(self.fd, events, self._io)
-        elif events == 0:
-            self.reactor.unregister(self.fd)
-        else:
-            self.reactor.modify(self.fd, events, self._io)
-        self.events = events
+    @property
+    def sock(self) -> socket.socket:
+        return self.tr.sock
 
+    # ---- timer ----
     def _set_deadline(self, when: float) -> None:
-        """Move the deadline; the timer is only rescheduled when it would fire too late (a later
+        """Move the deadline; the transport's timer is only moved when it would fire too late (a later
         deadline is picked up when the earlier timer fires: lazy re-arm, STYLE habit 10)."""
         self.deadline = when
-        t = self.timer
-        if t is not None and t.active and t.when <= when:
-            return
-        if t is not None:
-            t.cancel()
-        self.timer = self.reactor.call_at(when, self._on_timer)
+        if when < self.tr.timer_when:
+            self.tr.arm(when)
 
-    def _on_timer(self) -> None:
-        self.timer = None
-        if self.state == _CLOSED:
+    def timer_fired(self) -> None:
+        state = self.state
+        if state == _CLOSED:
             return
-        if self.reactor.now < self.deadline:
-            self.timer = self.reactor.call_at(self.deadline, self._on_timer)
+        deadline = self.deadline
+        if state == _WRITE:
+            # The client is reading: the send timeout counts from the last time it took bytes.
+            deadline = max(deadline, self.tr.last_write + ADMIN_SEND_TIMEOUT)
+        if self.reactor.now < deadline:
+            self.tr.arm(deadline)
             return
-        if self.state == _READ and len(self.head):
+        if state == _READ and len(self.head):
             # Part of a head arrived but not the rest (slowloris): say so, like the balancer does.
             self.respond(_error(408))
-        elif self.state == _WAIT:
+        elif state == _WAIT:
             log.warning("admin: the snapshot did not arrive within %gs", ADMIN_SEND_TIMEOUT)
             self.respond(_error(503))
         else:
             self.close()
 
-    # ---- I/O ----
-    def _on_io(self, mask: int) -> None:
+    # ---- transport events ----
+    def data_received(self, data: bytes) -> None:
         state = self.state
         if state == _READ:
-            self._on_readable()
-        elif state == _WRITE:
-            if mask & EVENT_WRITE:
-                self._flush()
+            self._head_data(data)
         elif state == _LINGER:
-            self._discard()
+            self.discarded += len(data)
+            if self.discarded > ADMIN_LINGER_MAX_BYTES:
+                self.close()
 
-    def _on_readable(self) -> None:
-        try:
-            data = self.sock.recv(ADMIN_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.debug("admin connection: %s", exc)
-            self.close()
-            return
-        if not data:
-            self.close()
-            return
+    def eof_received(self, reset: bool) -> None:
+        # Reading (the head, or lingering) is the only time the transport reads: either way, done.
+        self.close()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        log.debug("admin connection: %s", exc)
+        self.close()
+
+    def write_drained(self) -> None:
+        if self.state == _WRITE:
+            self._linger()
+
+    def internal_error(self) -> None:
+        log.exception("admin: internal error on a connection")
+        self.close()
+
+    # ---- the request ----
+    def _head_data(self, data: bytes) -> None:
         try:
             head = self.head.feed(data)
             if head is None:
@@ -332,7 +323,7 @@ class _AdminConn:
         # Until the answer is ready nothing more is read (what the client sends waits in the kernel).
         self.state = _WAIT
         self.head = HeadBuffer(0)  # drop what was buffered
-        self._set_events(0)
+        self.tr.pause_reading()
         self._set_deadline(self.reactor.now + ADMIN_SEND_TIMEOUT)
         self.admin.handle(self, req)
 
@@ -343,73 +334,28 @@ class _AdminConn:
             return
         self.state = _WRITE
         self.head = HeadBuffer(0)  # drop what was buffered
-        self.out = memoryview(data)
+        tr = self.tr
+        # Only the write side matters now; what the client sends meanwhile waits in the kernel.
+        tr.pause_reading()
         self._set_deadline(self.reactor.now + ADMIN_SEND_TIMEOUT)
-        self._flush()
-
-    def _flush(self) -> None:
-        out = self.out
-        progressed = False
-        while out:
-            try:
-                n = self.sock.send(out)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                log.debug("admin connection: %s", exc)
-                self.close()
-                return
-            out = out[n:]
-            progressed = True
-        self.out = out
-        if out:
-            if progressed:
-                # The client is reading: the send timeout counts from now (picked up lazily).
-                self.deadline = self.reactor.now + ADMIN_SEND_TIMEOUT
-            # Only the write side matters now; what the client sends meanwhile waits in the kernel.
-            self._set_events(EVENT_WRITE)
-            return
-        self._linger()
+        tr.write(data)
+        if tr.broken:
+            return  # connection_lost follows from the loop
+        if not tr.queued:
+            self._linger()
+        # else write_drained() lingers once the client took the rest
 
     def _linger(self) -> None:
         """All sent: send our FIN and read (and drop) what still arrives until the client closes."""
         self.state = _LINGER
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.close()
-            return
-        self._set_events(EVENT_READ)
+        tr = self.tr
+        tr.shutdown_write()
+        tr.resume_reading()
         self._set_deadline(self.reactor.now + ADMIN_LINGER)
-
-    def _discard(self) -> None:
-        try:
-            data = self.sock.recv(ADMIN_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close()
-            return
-        self.discarded += len(data)
-        if not data or self.discarded > ADMIN_LINGER_MAX_BYTES:
-            self.close()
 
     def close(self) -> None:
         if self.state == _CLOSED:
             return
         self.state = _CLOSED
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.events:
-            try:
-                self.reactor.unregister(self.fd)
-            except (KeyError, ValueError):
-                pass
-            self.events = 0
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        self.out = memoryview(b"")
+        self.tr.close()
         self.admin.conn_closed(self)

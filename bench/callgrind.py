@@ -109,7 +109,7 @@ def _read_response(sock: socket.socket) -> None:
 
 
 def run_once(checkout: Path, requests: int, connections: int, strategy: str, work: Path,
-             concurrent: bool = False) -> int:
+             concurrent: bool = False, access_log: str = "") -> int:
     """Total instructions of a balrs process that served ``requests`` requests."""
     backends = Backends(3)
     port = _free_port()
@@ -118,6 +118,8 @@ def run_once(checkout: Path, requests: int, connections: int, strategy: str, wor
              "backend_timeout = 300s", "client_timeout = 300s", "header_timeout = 300s", ""]
     for i, p in enumerate(backends.ports):
         lines += ["[backend b%d]" % (i + 1), "address = 127.0.0.1:%d" % p, ""]
+    if access_log:
+        lines += ["[log]", "access = %s" % (work / "access.log"), "format = %s" % access_log, ""]
     ini.write_text("\n".join(lines))
     out = work / ("callgrind.%d.out" % requests)
     env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=str(checkout))
@@ -179,18 +181,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--checkout", type=Path, default=ROOT, help="the balrs tree to measure")
     p.add_argument("--concurrent", action="store_true",
                    help="one request in flight on every connection at once (like wrk), not one at a time")
+    p.add_argument("--access-log", choices=["common", "combined", "json"], default="",
+                   help="with [log] access = a file in this format")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         sys.stderr.write("valgrind is not installed (apt-get install valgrind)\n")
         return 2
     with tempfile.TemporaryDirectory(prefix="balrs-callgrind-") as tmp:
         work = Path(tmp)
-        a = run_once(args.checkout.resolve(), args.requests, args.connections, args.strategy, work, args.concurrent)
+        a = run_once(args.checkout.resolve(), args.requests, args.connections, args.strategy, work, args.concurrent,
+                     args.access_log)
         b = run_once(args.checkout.resolve(), 2 * args.requests, args.connections, args.strategy, work,
-                     args.concurrent)
-    print("%s: %d instructions per request (%s, %d connections%s; totals %d and %d)"
+                     args.concurrent, args.access_log)
+    print("%s: %d instructions per request (%s, %d connections%s%s; totals %d and %d)"
           % (args.checkout, (b - a) // args.requests, args.strategy, args.connections,
-             ", concurrent" if args.concurrent else "", a, b))
+             ", concurrent" if args.concurrent else "",
+             ", %s access log" % args.access_log if args.access_log else "", a, b))
     return 0
 
 
