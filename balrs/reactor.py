@@ -255,14 +255,19 @@ class Reactor:
                     # Connections handle their own errors; this is the backstop that keeps the loop alive.
                     log.exception("unhandled error in an I/O callback")
             if soon:
-                batch = soon[:]
-                del soon[:]
-                for cb in batch:
-                    try:
-                        cb()
-                    except Exception:
-                        log.exception("unhandled error in a deferred callback")
+                self._run_soon()
             wheel.run(now)
+
+    def _run_soon(self) -> None:
+        """The callbacks deferred during this turn (call_soon), in order; those they defer wait a turn."""
+        soon = self._soon
+        batch = soon[:]
+        del soon[:]
+        for cb in batch:
+            try:
+                cb()
+            except Exception:
+                log.exception("unhandled error in a deferred callback")
 
     def _run_selectors(self) -> None:
         """The same loop over a ``selectors`` selector (platforms without epoll)."""
@@ -280,13 +285,7 @@ class Reactor:
                 except Exception:
                     log.exception("unhandled error in an I/O callback")
             if soon:
-                batch = soon[:]
-                del soon[:]
-                for cb in batch:
-                    try:
-                        cb()
-                    except Exception:
-                        log.exception("unhandled error in a deferred callback")
+                self._run_soon()
             wheel.run(now)
 
     def close(self) -> None:

@@ -483,35 +483,27 @@ class ClientConn(Protocol):
         if ex is not None:
             self.ex = None
             self.ctx.finish(ex, END_OK)
-        if self.state == C_WAIT and not self.close_after and not self.eof:
-            # Keep-alive, the common case (what _next_request does, inlined).
-            self.state = C_IDLE  # C_WAIT -> C_IDLE: in _HOT_TRANSITIONS
-            now = self.idle_since = self.ctx.reactor.now
-            tr = self.tr
-            when = now + self.settings.client_timeout
-            if when < tr.timer_when:
-                tr.arm(when)
-            if self.paused_for_pipeline or not tr.reading:
-                self.paused_for_pipeline = False
-                tr.resume_reading()
-            if self.inbuf.buf:
-                self._process_input()
-            return
         self._next_request()
 
     def _next_request(self) -> None:
         """The exchange is over: wait for the next request, or close."""
         state = self.state
-        if state >= C_TUNNEL:
+        if state == C_WAIT:
+            if self.close_after or (self.eof and not self.inbuf.buf):
+                self._finish(False)
+                return
+            self.state = C_IDLE  # C_WAIT -> C_IDLE, the keep-alive case: in _HOT_TRANSITIONS
+        elif state >= C_TUNNEL:
             return
-        if state == C_BODY or (state == C_QUEUED and self.body is not None and not self.body.done):
+        elif state == C_BODY or (state == C_QUEUED and self.body is not None and not self.body.done):
             # The request body is still coming: nothing can follow on this connection.
             self._finish(True)
             return
-        if self.close_after or (self.eof and not self.inbuf.buf):
+        elif self.close_after or (self.eof and not self.inbuf.buf):
             self._finish(False)
             return
-        self._to(C_IDLE)
+        else:
+            self._to(C_IDLE)
         self.body = None
         now = self.idle_since = self.ctx.reactor.now
         tr = self.tr

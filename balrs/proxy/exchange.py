@@ -128,14 +128,7 @@ class ProxyContext:
         if ex.status:
             self.status_counts[ex.status] += 1
         if ex.slot:
-            # ex.release(), inlined: the exchange's end is where its last attempt's slot frees.
-            ex.slot = False
-            backend = ex.be
-            assert backend is not None
-            if backend.release_slot():
-                pool = ex.pool_ref
-                if pool is not None:
-                    pool.wake()
+            ex.release()  # the exchange's end is where its last attempt's slot frees
         write = self.log_line
         if write is not None:
             fmt = self.log_format
