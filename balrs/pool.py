@@ -215,6 +215,62 @@ class Backend:
         self.latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.responses[status // 100] += 1
 
+    # ---- health (health.py decides when) ----
+    def probe_passed(self, now: float) -> int:
+        """An active probe passed: consecutive passes so far."""
+        self.last_check = now
+        self.last_check_ok = True
+        self.health_successes += 1
+        self.health_failures = 0
+        return self.health_successes
+
+    def probe_failed(self, now: float) -> int:
+        """An active probe failed: consecutive failures so far."""
+        self.last_check = now
+        self.last_check_ok = False
+        self.health_failures += 1
+        self.health_successes = 0
+        return self.health_failures
+
+    def mark_down(self) -> None:
+        self.up = False
+        self.transitions += 1
+
+    def mark_up(self, now: float) -> None:
+        """Back in service (it re-enters slow start from ``now``)."""
+        self.up = True
+        self.transitions += 1
+        self.up_since = now
+
+    def reset_probes(self) -> None:
+        """Active checks were turned off: their counts mean nothing now."""
+        self.health_successes = self.health_failures = 0
+
+    def live_failure(self) -> int:
+        """A live request failed here: consecutive live failures so far."""
+        self.consecutive_errors += 1
+        return self.consecutive_errors
+
+    def live_success(self) -> None:
+        """A live request succeeded after failures; out of probation when not ejected."""
+        self.consecutive_errors = 0
+        if not self.ejected_until:
+            self.ejections = 0
+
+    def eject(self, until: float) -> None:
+        """Passive outlier detection takes it out of rotation until ``until``."""
+        self.ejected_until = until
+        self.ejections += 1
+
+    def clear_ejection(self) -> None:
+        self.ejected_until = 0.0
+
+    def start_probation(self, now: float, errors: int) -> None:
+        """Back in rotation at ``now`` after an ejection, counted as ``errors`` consecutive live failures
+        already (one more failure ejects it again)."""
+        self.up_since = now
+        self.consecutive_errors = errors
+
     def mark_resolved(self, now: float) -> bool:
         """The resolver found a first address: the backend can enter service. True if it was new."""
         if self.resolved:
