@@ -1,10 +1,10 @@
 """The control channel between the supervisor and each worker (``workers = N``), and what runs on it.
 
-The supervisor makes one ``socket.socketpair()`` per worker before forking it; each side registers its
-end on its own reactor. Messages are JSON objects framed by a 4-byte big-endian length (like
-multiprocessing's ``Connection``), read with a sans-IO ``FrameReader`` and written with the same
-non-blocking write path as the proxy (try ``send``, register for writing only after a partial send;
-STYLE habit 7), so neither side ever blocks on the other.
+The supervisor makes one ``socket.socketpair()`` per worker before forking it; each side runs its end
+on its own reactor, as a :class:`~balrs.transport.Transport`. Messages are JSON objects framed by a
+4-byte big-endian length (like multiprocessing's ``Connection``), read with a sans-IO ``FrameReader``
+and written with the same transport as the proxy's (try ``send``, wait for writability only after a
+partial send; STYLE habit 7), so neither side ever blocks on the other.
 
 One exchange exists: the supervisor asks ``{"id": N, "op": "snapshot"}`` and the worker answers
 ``{"id": N, "snapshot": {...}}`` (``metrics.snapshot`` of its balancer). ``SnapshotCollector`` runs the
@@ -24,8 +24,9 @@ import struct
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .metrics import Snapshot, merge
-from .reactor import EVENT_READ, EVENT_WRITE, Reactor
+from .reactor import Reactor
 from .timerwheel import Timer
+from .transport import Protocol, Transport
 
 __all__ = [
     "COLLECT_TIMEOUT", "Channel", "ControlError", "FrameReader", "SnapshotCollector", "WorkerControl",
@@ -100,79 +101,44 @@ class FrameReader:
         return len(self.buf)
 
 
-class Channel:
-    """One end of a control socket pair on a reactor: framed messages in and out, never blocking.
+class Channel(Protocol):
+    """One end of a control socket pair on a reactor: framed messages in and out over a
+    :class:`~balrs.transport.Transport`, never blocking.
 
     ``on_message(msg)`` is called for each message; ``on_close()`` once when the channel ends (the peer
-    closed or broke it, or :meth:`close`)."""
+    closed or broke it, a bug in a callback, or :meth:`close`)."""
 
-    __slots__ = ("reactor", "sock", "fd", "reader", "out", "events", "closed", "on_message", "on_close",
-                 "name", "_io")
+    __slots__ = ("reactor", "tr", "reader", "closed", "on_message", "on_close", "name")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, on_message: Callable[[Dict[str, Any]], None],
                  on_close: Callable[[], None] = lambda: None, name: str = "control") -> None:
         self.reactor = reactor
-        self.sock = sock
         sock.setblocking(False)
-        self.fd = sock.fileno()
         self.reader = FrameReader()
-        self.out = bytearray()
         self.on_message = on_message
         self.on_close = on_close
         self.name = name
         self.closed = False
-        self._io = self._on_io
-        self.events = EVENT_READ
-        reactor.register(self.fd, EVENT_READ, self._io)
+        self.tr = Transport(reactor, sock, self, CONTROL_RECV_SIZE)
 
     def __repr__(self) -> str:
-        return "<Channel %s fd=%d>" % (self.name, self.fd)
+        return "<Channel %s fd=%d>" % (self.name, self.tr.fd)
+
+    @property
+    def sock(self) -> socket.socket:
+        return self.tr.sock
 
     def send(self, msg: Dict[str, Any]) -> bool:
-        """Queue ``msg`` and send what the socket takes now. False if the channel is closed."""
+        """Queue ``msg`` and send what the socket takes now. False if the channel is closed, or broken
+        (a failed send closes it from the loop)."""
         if self.closed:
             return False
-        self.out += encode_frame(msg)
-        self._flush()
-        return not self.closed
+        tr = self.tr
+        tr.write(encode_frame(msg))
+        return not (self.closed or tr.broken)
 
-    def _set_events(self, events: int) -> None:
-        if events != self.events:
-            self.reactor.modify(self.fd, events, self._io)
-            self.events = events
-
-    def _flush(self) -> None:
-        out = self.out
-        while out:
-            try:
-                n = self.sock.send(out)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self._fail("send: %s" % (exc.strerror or exc))
-                return
-            del out[:n]
-        self._set_events(EVENT_READ | EVENT_WRITE if out else EVENT_READ)
-
-    def _on_io(self, mask: int) -> None:
-        if mask & EVENT_WRITE:
-            self._flush()
-        if mask & EVENT_READ and not self.closed:
-            self._read()
-
-    def _read(self) -> None:
-        try:
-            data = self.sock.recv(CONTROL_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fail("recv: %s" % (exc.strerror or exc))
-            return
-        if not data:
-            if len(self.reader):
-                log.warning("%s: peer closed in the middle of a message", self.name)
-            self.close()
-            return
+    # ---- transport events ----
+    def data_received(self, data: bytes) -> None:
         try:
             messages = self.reader.feed(data)
         except ControlError as exc:
@@ -183,24 +149,32 @@ class Channel:
                 return
             self.on_message(msg)
 
+    def eof_received(self, reset: bool) -> None:
+        if reset:
+            self._fail("recv: connection reset")
+            return
+        if len(self.reader):
+            log.warning("%s: peer closed in the middle of a message", self.name)
+        self.close()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        self._fail("send: %s" % why)
+
+    def internal_error(self) -> None:
+        log.exception("%s: internal error; closing the channel", self.name)
+        self.close()
+
     def _fail(self, why: str) -> None:
         log.error("%s: %s; closing the channel", self.name, why)
         self.close()
 
     def close(self) -> None:
-        """Unregister and close (idempotent); calls ``on_close``."""
+        """Close the transport (idempotent); calls ``on_close`` once."""
         if self.closed:
             return
         self.closed = True
-        try:
-            self.reactor.unregister(self.fd)
-        except (KeyError, ValueError):
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        self.out = bytearray()
+        self.tr.close()
         self.on_close()
 
 

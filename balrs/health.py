@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, Optional
 
 from .http.errors import ProtocolError
 from .http.heads import RESPONSE, HeadBuffer, parse_response_head
-from .reactor import EVENT_READ, EVENT_WRITE
+from .transport import Protocol, Transport, connect
 
 if TYPE_CHECKING:
     from .config import Config, HealthConfig
@@ -85,7 +85,8 @@ _PROBE_NEXT: Dict[int, FrozenSet[int]] = {
     P_READING: frozenset([P_IDLE]),
 }
 
-_CONNECT_PENDING = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EALREADY)
+# connect() errors that are our own trouble (out of descriptors or memory), not the backend's.
+_LOCAL_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def probe_request(path: str, host_header: bytes) -> bytes:
@@ -105,21 +106,35 @@ def slow_start_weight(weight: int, elapsed: float, slow_start: float) -> float:
     return max(1.0 / WEIGHT_SCALE, math.floor(w * WEIGHT_SCALE) / WEIGHT_SCALE)
 
 
-class _Probe:
-    """The active health check of one backend (see the module docstring)."""
+class _Probe(Protocol):
+    """The active health check of one backend (see the module docstring), a protocol on the
+    :class:`~balrs.transport.Transport` of the probe in flight. Every way a probe in flight can end
+    (refused, reset, timed out, a bad or unexpected answer, a bug) goes through :meth:`finish` once,
+    which closes the transport first."""
 
-    __slots__ = ("health", "backend", "state", "sock", "events", "timer", "started_at", "out", "heads")
+    __slots__ = ("health", "backend", "state", "tr", "timer", "started_at", "heads")
 
     def __init__(self, health: Health, backend: Backend) -> None:
         self.health = health
         self.backend = backend
         self.state = P_IDLE
-        self.sock: Optional[socket.socket] = None
-        self.events = 0  # the mask the socket is registered with; 0 = not registered
+        self.tr: Optional[Transport] = None  # the probe in flight's connection
+        # The one timer: while idle, the one that starts the next probe; in flight, the deadline.
         self.timer: Optional[Timer] = None
         self.started_at = 0.0
-        self.out = b""
         self.heads: Optional[HeadBuffer] = None
+
+    @property
+    def sock(self) -> Optional[socket.socket]:
+        """The socket of the probe in flight (None while idle)."""
+        tr = self.tr
+        return tr.sock if tr is not None else None
+
+    @property
+    def events(self) -> int:
+        """The event mask of the probe in flight's transport (0 while idle: no socket watched)."""
+        tr = self.tr
+        return tr.events if tr is not None else 0
 
     def _to(self, state: int) -> None:
         assert state in _PROBE_NEXT[self.state], "probe %d -> %d" % (self.state, state)
@@ -150,96 +165,57 @@ class _Probe:
             self._next()
             return
         try:
-            sock = socket.socket(backend.family, socket.SOCK_STREAM)
+            # Refusals and other connect errors come back from the loop, as connect_failed.
+            self.tr = connect(health.reactor, backend.family, backend.sockaddr, self, PROBE_READ_SIZE,
+                              nodelay=False)
         except OSError as exc:
-            # Our own trouble (EMFILE...) says nothing about the backend: no result this cycle.
-            log.warning("backend %s: cannot create a probe socket: %s", backend.name, exc)
-            self._next()
+            if exc.errno in _LOCAL_ERRNOS:
+                # Our own trouble (EMFILE...) says nothing about the backend: no result this cycle.
+                log.warning("backend %s: cannot create a probe socket: %s", backend.name, exc)
+                self._next()
+            else:
+                self.finish(False, "connect: %s" % (exc.strerror or exc))
             return
-        self.sock = sock
+        except Exception as exc:  # noqa: BLE001 - a bug must cost this probe, not the timer wheel
+            log.exception("backend %s: cannot start a probe", backend.name)
+            self.finish(False, "error: %s" % exc)
+            return
         self._to(P_CONNECTING)
         self.timer = health.reactor.call_at(now + cfg.timeout, self._timed_out)
-        try:
-            sock.setblocking(False)
-            err = sock.connect_ex(backend.sockaddr)
-        except OSError as exc:
-            self.finish(False, "connect: %s" % (exc.strerror or exc))
-            return
-        if err == 0:
-            self._connected()
-        elif err in _CONNECT_PENDING:
-            self._want(EVENT_WRITE)
-        else:
-            self.finish(False, "connect: %s" % os.strerror(err))
 
-    def _want(self, events: int) -> None:
-        """Register for ``events`` (one registration per socket; modify only on a real change)."""
-        sock = self.sock
-        assert sock is not None
-        if events == self.events:
-            return
-        if self.events:
-            self.health.reactor.modify(sock.fileno(), events, self.on_io)
-        else:
-            self.health.reactor.register(sock.fileno(), events, self.on_io)
-        self.events = events
-
-    def on_io(self, mask: int) -> None:
-        try:
-            if self.state == P_CONNECTING:
-                sock = self.sock
-                assert sock is not None
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    self.finish(False, "connect: %s" % os.strerror(err))
-                else:
-                    self._connected()
-            elif self.state == P_SENDING:
-                self._send()
-            elif self.state == P_READING:
-                self._read()
-        except OSError as exc:
-            self.finish(False, "%s" % (exc.strerror or exc))
-        except Exception as exc:  # noqa: BLE001 - the one fatal path: never leak the socket
-            log.exception("backend %s: probe failed unexpectedly", self.backend.name)
-            self.finish(False, "error: %s" % exc)
-
-    def _connected(self) -> None:
+    # ---- transport events ----
+    def connection_made(self) -> None:
         cfg = self.health.hcfg
-        assert cfg is not None
+        tr = self.tr
+        assert cfg is not None and tr is not None
         if cfg.path == "tcp":
             # Connect-only probe: never send a byte.
             self.finish(True, "connected")
             return
         self._to(P_SENDING)
-        self.out = probe_request(cfg.path, self.backend.host_header)
         self.heads = HeadBuffer(MAX_PROBE_HEAD, RESPONSE)
-        self._send()
+        tr.write(probe_request(cfg.path, self.backend.host_header))
+        # A failed send ends in connection_lost (from the loop); a partial one in write_drained.
+        if not tr.queued and not tr.broken:
+            self._to(P_READING)
 
-    def _send(self) -> None:
-        sock = self.sock
-        assert sock is not None
-        try:
-            n = sock.send(self.out)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        self.out = self.out[n:]
-        if self.out:
-            self._want(EVENT_WRITE)
-            return
-        self._to(P_READING)
-        self._want(EVENT_READ)
+    def connect_failed(self, err: int) -> None:
+        self.finish(False, "connect: %s" % os.strerror(err))
 
-    def _read(self) -> None:
-        sock = self.sock
+    def write_drained(self) -> None:
+        if self.state == P_SENDING:
+            self._to(P_READING)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        self.finish(False, "send: %s" % why)
+
+    def eof_received(self, reset: bool) -> None:
+        self.finish(False, "reset before a response head" if reset else "closed before a response head")
+
+    def data_received(self, data: bytes) -> None:
         heads = self.heads
-        assert sock is not None and heads is not None
-        try:
-            data = sock.recv(PROBE_READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        if not data:
-            self.finish(False, "closed before a response head")
+        if heads is None or self.state not in (P_SENDING, P_READING):
             return
         try:
             head = heads.feed(data)
@@ -257,6 +233,12 @@ class _Probe:
         except ProtocolError as exc:
             self.finish(False, "bad response: %s" % exc.message)
 
+    def internal_error(self) -> None:
+        # A bug in a callback: the one fatal path still reports and never leaks the socket.
+        log.exception("backend %s: probe failed unexpectedly", self.backend.name)
+        if self.tr is not None:
+            self.finish(False, "internal error")
+
     def _timed_out(self) -> None:
         self.timer = None
         cfg = self.health.hcfg
@@ -268,7 +250,10 @@ class _Probe:
         health = self.health
         if health.probes.get(self.backend) is not self:
             return
-        health._probe_result(self, ok, why)
+        try:
+            health._probe_result(self, ok, why)
+        except Exception:  # noqa: BLE001 - a bug in reporting must not stop this backend's probes
+            log.exception("backend %s: cannot record a probe result", self.backend.name)
         self._next()
 
     def _next(self) -> None:
@@ -285,21 +270,14 @@ class _Probe:
         self.schedule(when)
 
     def close(self) -> None:
-        """Cancel the timer, unregister and close the socket; back to idle. Idempotent."""
+        """Cancel the timer and close the transport; back to idle. Idempotent."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        sock = self.sock
-        if sock is not None:
-            self.sock = None
-            if self.events:
-                self.events = 0
-                try:
-                    self.health.reactor.unregister(sock.fileno())
-                except (KeyError, ValueError, OSError):
-                    pass
-            sock.close()
-        self.out = b""
+        tr = self.tr
+        if tr is not None:
+            self.tr = None
+            tr.close()
         self.heads = None
         self.state = P_IDLE
 

@@ -189,6 +189,8 @@ class Transport:
             return
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            # Stop watching it: reading SO_ERROR cleared it, so another event would look like success.
+            self._set_events(0)
             self.protocol.connect_failed(err)
             return
         self.connecting = False
