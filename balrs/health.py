@@ -322,7 +322,7 @@ class Health:
         for b in backends:
             # Backends present at start-up take their full weight at once (HAProxy applies slowstart
             # only to a server coming back up).
-            b.eff_weight = b.weight
+            b.set_effective_weight(b.weight)
             self._add_probe(b)
         self.pool.refresh()
 
@@ -364,11 +364,9 @@ class Health:
             if new_hcfg is None:
                 # Without active checks nothing would ever bring a backend marked down back.
                 for b in current:
-                    b.health_successes = b.health_failures = 0
+                    b.reset_probes()
                     if not b.up:
-                        b.up = True
-                        b.transitions += 1
-                        b.up_since = self.now
+                        b.mark_up(self.now)
                         log.info("backend %s is UP again: health checks are off", b.name)
                         self._start_ramp(b)
         for b in current:
@@ -388,9 +386,9 @@ class Health:
             # A changed weight takes effect now: at once, or as the ramp's share of it (the pool's
             # reload may have reset eff_weight to the new weight).
             if b in self.ramping:
-                b.eff_weight = slow_start_weight(b.weight, now - b.up_since, config.slow_start)
+                b.set_effective_weight(slow_start_weight(b.weight, now - b.up_since, config.slow_start))
             else:
-                b.eff_weight = b.weight
+                b.set_effective_weight(b.weight)
         self._ramp()
         pool.refresh()
         self.pool.wake()
@@ -409,11 +407,8 @@ class Health:
         backend = probe.backend
         cfg = self.hcfg
         assert cfg is not None
-        backend.last_check = self.now
-        backend.last_check_ok = ok
         if ok:
-            backend.health_successes += 1
-            backend.health_failures = 0
+            backend.probe_passed(self.now)
             if (backend.ejected_until and self.config().eject_after
                     and probe.started_at >= self._ejected_at.get(backend, probe.started_at)):
                 # A probe begun after the ejection passed: the backend answers again, end it early.
@@ -421,24 +416,20 @@ class Health:
             if not backend.up and backend.health_successes >= cfg.rise:
                 self._mark_up(backend, "%d consecutive probe passes" % backend.health_successes)
         else:
-            backend.health_failures += 1
-            backend.health_successes = 0
+            backend.probe_failed(self.now)
             log.debug("backend %s: probe failed: %s", backend.name, why)
             if backend.up and backend.health_failures >= cfg.fall:
                 self._mark_down(backend, "%d consecutive probe failures (last: %s)"
                                 % (backend.health_failures, why))
 
     def _mark_down(self, backend: Backend, why: str) -> None:
-        backend.up = False
-        backend.transitions += 1
+        backend.mark_down()
         self.ramping.pop(backend, None)
         log.warning("backend %s is DOWN: %s", backend.name, why)
         self.pool.refresh()
 
     def _mark_up(self, backend: Backend, why: str) -> None:
-        backend.up = True
-        backend.transitions += 1
-        backend.up_since = self.now
+        backend.mark_up(self.now)
         log.warning("backend %s is UP again: %s", backend.name, why)
         if not backend.ejected_until:
             self._start_ramp(backend)
@@ -449,7 +440,7 @@ class Health:
     # ---- passive outlier detection -------------------------------------------------------------------
     def failure(self, backend: Backend, kind: str) -> None:
         """A live request failed on ``backend``: ``kind`` is connect, reset or timeout."""
-        backend.consecutive_errors += 1
+        backend.live_failure()
         after = self.config().eject_after
         if (not after or backend.consecutive_errors < after or backend.ejected_until
                 or backend.draining or not self.running):
@@ -463,10 +454,8 @@ class Health:
 
     def success(self, backend: Backend) -> None:
         """A live request succeeded on ``backend`` after failures (consecutive_errors > 0)."""
-        backend.consecutive_errors = 0
-        if not backend.ejected_until:
-            # It served a request after coming back: the next ejection starts from the base cooldown.
-            backend.ejections = 0
+        # It served a request after coming back: the next ejection starts from the base cooldown.
+        backend.live_success()
 
     def _may_eject(self) -> bool:
         """Would ejecting one more eligible backend keep at least half of the backends (rounded up, at
@@ -487,8 +476,7 @@ class Health:
         cooldown = min(config.eject_cooldown * 2.0 ** min(backend.ejections, _MAX_DOUBLINGS),
                        MAX_EJECT_COOLDOWN)
         now = self.now
-        backend.ejected_until = now + cooldown
-        backend.ejections += 1
+        backend.eject(now + cooldown)
         self._ejected_at[backend] = now
         old = self._eject_timers.pop(backend, None)
         if old is not None:
@@ -510,14 +498,13 @@ class Health:
         self._ejected_at.pop(backend, None)
         if not backend.ejected_until:
             return
-        backend.ejected_until = 0.0
+        backend.clear_ejection()
         if backend.draining or backend not in self._known:
             return
-        backend.up_since = self.now
         # On probation (nginx tries a server once after fail_timeout): one more failure ejects it again,
         # with a doubled cooldown; its first success (the proxy reports it, as consecutive_errors > 0)
         # ends the probation and resets the ejection count.
-        backend.consecutive_errors = max(1, self.config().eject_after - 1)
+        backend.start_probation(self.now, max(1, self.config().eject_after - 1))
         log.info("backend %s is back from ejection: %s", backend.name, why)
         if backend.up:
             self._start_ramp(backend)
@@ -530,9 +517,9 @@ class Health:
         """Put ``backend`` in slow start from its ``up_since`` (the caller refreshes the pool)."""
         slow_start = self.config().slow_start
         if slow_start <= 0.0:
-            backend.eff_weight = backend.weight
+            backend.set_effective_weight(backend.weight)
             return
-        backend.eff_weight = slow_start_weight(backend.weight, self.now - backend.up_since, slow_start)
+        backend.set_effective_weight(slow_start_weight(backend.weight, self.now - backend.up_since, slow_start))
         if backend.eff_weight < backend.weight:
             self.ramping[backend] = None
 
@@ -549,7 +536,7 @@ class Health:
         for b in list(self.ramping):
             w = slow_start_weight(b.weight, now - b.up_since, slow_start)
             if w != b.eff_weight:
-                b.eff_weight = w
+                b.set_effective_weight(w)
                 changed = True
             if w >= b.weight:
                 del self.ramping[b]
@@ -559,7 +546,7 @@ class Health:
 
     def _stop_ramp(self) -> None:
         for b in self.ramping:
-            b.eff_weight = b.weight
+            b.set_effective_weight(b.weight)
         self.ramping.clear()
         if self._ramp_timer is not None:
             self._ramp_timer.cancel()
