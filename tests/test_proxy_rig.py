@@ -25,25 +25,10 @@ from balrs.proxy.upstream import readable_poll
 from balrs.reactor import EVENT_READ, Reactor
 from balrs.server import Balancer
 
+from proxyrig import FakeClock, sized_response
+
 HOST = "127.0.0.1"
 EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def sized_response(total: int, fill: bytes = b"a") -> bytes:
-    """A 200 response of exactly ``total`` bytes, head included."""
-    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
-    n = total - len(head % 0)
-    while len(head % n) + n != total:
-        n -= 1
-    return head % n + fill * n
 
 
 # In a scripted answer: send what comes before it, wait 50 ms, send the rest.
