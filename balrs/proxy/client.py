@@ -253,7 +253,9 @@ class ClientConn(Protocol):
             if req.framing == LENGTH and settings.max_body_bytes and req.length > settings.max_body_bytes:
                 raise ProtocolError(413, "Content-Length %d over max_body_bytes" % req.length)
         except ProtocolError as exc:
-            self.ex = Exchange(None, self.client_ip, now, time.time() if ctx.log_line else 0.0, len(head))
+            self.ex = ex = Exchange(None, self.client_ip, now, time.time() if ctx.log_line else 0.0, len(head))
+            if ctx.log_line is not None:
+                ex.refused(head)
             self._reject(exc)
             return
         self.ex = ex = Exchange(req, self.client_ip, now, time.time() if ctx.log_line else 0.0, len(head))

@@ -160,7 +160,7 @@ class Exchange:
     __slots__ = (
         "req", "client", "pool_ref", "be", "slot", "failed", "status", "bytes_in", "bytes_out", "t_start",
         "t_connected", "t_response", "t_done", "wall_start", "end", "request_id", "request_done",
-        "resp_started",
+        "resp_started", "refused_line",
     )
 
     t_done: float
@@ -184,6 +184,9 @@ class Exchange:
         self.request_id: Optional[bytes] = None
         self.request_done = False     # the whole request (head and body) was read from the client
         self.resp_started = False     # a final response head went to the client
+        # For a refused request whose head did not parse: its request line, if it has that shape
+        # (method, target, minor), so the log shows what was refused (nginx logs it too).
+        self.refused_line: Optional[Tuple[bytes, bytes, int]] = None
 
     def __repr__(self) -> str:
         return "<Exchange %r status=%d end=%s>" % (self.req, self.status, self.end)
@@ -211,17 +214,30 @@ class Exchange:
                     pool.wake()
 
     # ---- what an access log line shows ----
+    def refused(self, head: bytes) -> None:
+        """Keep the request line of a head that did not parse, when it looks like one."""
+        line = head[:head.find(b"\n")].rstrip(b"\r")[:8192]
+        parts = line.split(b" ")
+        if len(parts) == 3 and parts[2] in (b"HTTP/1.1", b"HTTP/1.0") and parts[0] and parts[1]:
+            self.refused_line = (parts[0], parts[1], 1 if parts[2] == b"HTTP/1.1" else 0)
+
     @property
     def method(self) -> bytes:
-        return self.req.method if self.req is not None else b"-"
+        if self.req is not None:
+            return self.req.method
+        return self.refused_line[0] if self.refused_line is not None else b"-"
 
     @property
     def target(self) -> bytes:
-        return self.req.target if self.req is not None else b"-"
+        if self.req is not None:
+            return self.req.target
+        return self.refused_line[1] if self.refused_line is not None else b"-"
 
     @property
     def minor(self) -> int:
-        return self.req.minor if self.req is not None else -1
+        if self.req is not None:
+            return self.req.minor
+        return self.refused_line[2] if self.refused_line is not None else -1
 
     @property
     def host(self) -> Optional[bytes]:
