@@ -309,11 +309,12 @@ class ClientConn(Protocol):
         else:
             settings = self.settings
             sent = req.find_field(settings.request_id)
-            if sent == rid:
+            if sent == rid and req.low.count(b"\r\n%s:" % settings.request_id) == 1:
                 # The client's valid id goes on as it came.
                 data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
             else:
-                # Ours is added; an invalid one the client sent is removed.
+                # Ours is added (or the client's valid one again); every one the client sent is removed,
+                # so the backend sees exactly one.
                 data = upstream_request_head(
                     req, self.client_ip_b, self.suffix, backend.host_header,
                     b"%s: %s\r\n" % (settings.request_id_field, rid),
@@ -468,9 +469,16 @@ class ClientConn(Protocol):
         return head, framing
 
     def _with_request_id(self, head: bytes) -> bytes:
+        """``head`` with our request id as its only request-id field (a backend may echo one)."""
         ex = self.ex
         assert ex is not None and ex.request_id is not None
-        return b"%s%s: %s\r\n\r\n" % (head[:-2], self.settings.request_id_field, ex.request_id)
+        settings = self.settings
+        marker = b"\r\n%s:" % settings.request_id
+        if marker in head.lower():
+            lines = head[:-4].split(b"\r\n")
+            prefix = marker[2:]
+            head = b"\r\n".join([lines[0]] + [x for x in lines[1:] if not x.lower().startswith(prefix)]) + b"\r\n\r\n"
+        return b"%s%s: %s\r\n\r\n" % (head[:-2], settings.request_id_field, ex.request_id)
 
     def interim_response(self, head: bytes) -> None:
         """A 1xx other than 101: RFC 9110 §15.2 has proxies forward it, except to HTTP/1.0 clients."""
