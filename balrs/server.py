@@ -169,9 +169,6 @@ class Balancer:
         elif not self.listener.accepting:
             self.listener.resume()
 
-    def pump_queue(self) -> None:
-        """Let requests waiting for a backend slot try again (``Pool.wake``)."""
-        self.pool.wake()
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -244,7 +241,7 @@ class Balancer:
                 log.error("admin endpoint: %s", exc.strerror or exc)
                 self.admin = None
         self.listener.resume()
-        self.pump_queue()
+        self.pool.wake()
         log.info("reloaded: %d backend(s)%s%s; strategy %s", len(self.pool.backends),
                  "; added %s" % ", ".join(b.name for b in added) if added else "",
                  "; removed %s" % ", ".join(b.name for b in removed) if removed else "", config.strategy)

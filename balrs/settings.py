@@ -49,8 +49,7 @@ class Settings:
 
     @classmethod
     def from_config(cls, c: Config) -> "Settings":
-        log = getattr(c, "log", None)
-        rid = getattr(log, "request_id", "") if log is not None else ""
+        rid = c.log.request_id
         return cls(
             connect_timeout=c.connect_timeout,
             header_timeout=c.header_timeout,

@@ -253,9 +253,7 @@ class ClientConn(Protocol):
             if req.framing == LENGTH and settings.max_body_bytes and req.length > settings.max_body_bytes:
                 raise ProtocolError(413, "Content-Length %d over max_body_bytes" % req.length)
         except ProtocolError as exc:
-            self.ex = ex = Exchange(None, self.client_ip, now, time.time() if ctx.log_line else 0.0, len(head))
-            if ctx.log_line is not None:
-                ex.refused(head)
+            self.ex = self._refused_exchange(head)
             self._reject(exc)
             return
         self.ex = ex = Exchange(req, self.client_ip, now, time.time() if ctx.log_line else 0.0, len(head))
@@ -599,9 +597,19 @@ class ClientConn(Protocol):
         """A request balrs refuses before it goes anywhere: answer and close (its framing is unknown)."""
         log.debug("client %s: %s", self.client_ip, exc)
         if self.ex is None:
-            self.ex = Exchange(None, self.client_ip, self.ctx.reactor.now,
-                               time.time() if self.ctx.log_line else 0.0, len(self.inbuf.buf))
+            self.ex = self._refused_exchange(None)
         self._write_error(exc.status, END_REJECTED)
+
+    def _refused_exchange(self, head: Optional[bytes]) -> Exchange:
+        """The exchange of a request refused before its head parsed (``head``, if it was whole, or
+        what arrived of it): counted and logged like any other."""
+        ctx = self.ctx
+        logging_on = ctx.log_line is not None
+        ex = Exchange(None, self.client_ip, ctx.reactor.now, time.time() if logging_on else 0.0,
+                      len(head) if head is not None else len(self.inbuf.buf))
+        if head is not None and logging_on:
+            ex.refused(head)
+        return ex
 
     def _error_bytes(self, status: int, close: bool) -> bytes:
         ex = self.ex
@@ -693,8 +701,7 @@ class ClientConn(Protocol):
             deadline = self.head_start + settings.header_timeout
             if now >= deadline:
                 if self.ex is None:
-                    self.ex = Exchange(None, self.client_ip, now, time.time() if self.ctx.log_line else 0.0,
-                                       len(self.inbuf.buf))
+                    self.ex = self._refused_exchange(None)
                 self._write_error(408, END_CLIENT_TIMEOUT)
                 return
         elif state == C_QUEUED:
