@@ -4,9 +4,13 @@ The file is configparser-style INI, but read by our own small reader so that eve
 the line, the section and the key: ``PATH:LINE: [section] key: message``.  Reading happens in two passes:
 
 1. ``_read`` splits the text into sections and ``key = value`` entries (syntax errors: stray lines, duplicate
-   sections and keys, unknown sections);
+   sections and keys, unknown sections).  The sections are ``[balancer]``, ``[health]``, ``[admin]``,
+   ``[log]`` and the named ones ``[backend NAME]``, ``[pool NAME]``, ``[health NAME]``, ``[route NAME]``;
 2. ``_build`` checks every entry against the per-section key tables (``_BALANCER_KEYS`` ...) and builds the
-   objects.
+   objects, then checks what one section says about another: a route's ``pool`` and a pool's ``backup``
+   must name a pool that exists (a ``[pool NAME]`` section, or one a backend's ``pool =`` names), a backup
+   chain must not loop, a pool's ``health`` must name a ``[health NAME]`` section, and a route has exactly
+   one action (``pool``, ``redirect`` or ``return``), with modifiers only beside ``pool``.
 
 Both passes collect errors instead of stopping at the first, so that the error finally raised is the one
 nearest the top of the file.  Errors that only follow from other ones ("no [backend NAME] section" when a
@@ -34,6 +38,8 @@ __all__ = [
     "ConfigError",
     "HealthConfig",
     "LogConfig",
+    "PoolConfig",
+    "RouteConfig",
     "load",
     "parse_address",
     "parse_duration",
@@ -76,6 +82,11 @@ DEFAULT_HEALTH_EXPECT = (200, 399)  # HAProxy `option httpchk`: 2xx and 3xx pass
 DEFAULT_WEIGHT = 1  # HAProxy server `weight 1`, nginx `weight=1`
 DEFAULT_BACKEND_MAX_CONNECTIONS = 0  # 0 = unlimited, like HAProxy server `maxconn 0` and nginx `max_conns=0`
 
+# Pools: a backend without `pool =` belongs to this one (the contract's implicit pool).
+DEFAULT_POOL = "default"
+DEFAULT_REDIRECT_CODE = 302  # nginx `return 302`, HAProxy `redirect location` (302 there too)
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+
 # [log]: no access log and no request ids unless asked for, so a file without [log] behaves as before it
 DEFAULT_LOG_ACCESS = "off"  # nginx `access_log` is on by default; a balancer at 10k req/s should opt in
 DEFAULT_LOG_FORMAT = "combined"  # nginx's predefined `combined` format
@@ -116,6 +127,7 @@ class BackendConfig:
     weight: int = DEFAULT_WEIGHT
     max_connections: int = DEFAULT_BACKEND_MAX_CONNECTIONS
     line: int = 0  # line of the [backend NAME] header
+    pool: str = DEFAULT_POOL  # the [pool NAME] it belongs to
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,54 @@ class HealthConfig:
     rise: int = DEFAULT_HEALTH_RISE
     fall: int = DEFAULT_HEALTH_FALL
     expect: tuple[int, int] = DEFAULT_HEALTH_EXPECT  # inclusive status range
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """[pool NAME] (or the implicit ``default`` pool). Policy keys left unset (None) come from
+    [balancer]; ``health`` names a [health NAME] section ("" = the plain [health] section)."""
+
+    name: str
+    strategy: str | None = None
+    hash_key: str | None = None
+    retries: int | None = None
+    queue_timeout: float | None = None
+    backup: str | None = None  # the pool used while no backend of this one is eligible
+    health: str = ""
+    line: int = 0  # line of the [pool NAME] header (0: implicit)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """[route NAME]: match keys (every given one must match), exactly one action, modifiers.
+
+    Values are parsed and normalised: hosts lowercased (``*.example.com`` for a wildcard), methods
+    uppercased, header names lowercased (``value`` None = presence), CIDRs as ip_network strings."""
+
+    name: str
+    line: int = 0
+    # match keys
+    hosts: tuple[str, ...] = ()
+    path_prefix: str | None = None
+    path: str | None = None
+    path_regex: str | None = None
+    methods: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str | None], ...] = ()
+    client_ip: tuple[str, ...] = ()
+    scheme: str | None = None  # "http" | "https"
+    # actions (exactly one of pools / redirect / return_status)
+    pools: tuple[tuple[str, int], ...] = ()  # (pool name, weight); one entry = no split
+    redirect: str | None = None
+    redirect_code: int = DEFAULT_REDIRECT_CODE
+    return_status: int | None = None
+    return_body: str | None = None  # `return = 200 ok`: "ok" as a text/plain body
+    # modifiers (with `pool`)
+    strip_prefix: str | None = None
+    add_prefix: str | None = None
+    set_request_headers: tuple[tuple[str, str], ...] = ()  # (name as written, value)
+    remove_request_headers: tuple[str, ...] = ()  # lowercased names
+    set_response_headers: tuple[tuple[str, str], ...] = ()
+    remove_response_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -172,6 +232,13 @@ class Config:
     backends: tuple[BackendConfig, ...] = ()
     admin: AdminConfig | None = None
     log: LogConfig = LogConfig()
+    # [pool NAME] sections, in file order, plus "default" (implicit, or declared) whenever a backend
+    # is in it; every pool a backend, route or backup names is here.
+    pools: tuple[PoolConfig, ...] = ()
+    # [health NAME] sections, resolved (missing keys from [health], then the defaults); a value of
+    # None is `path = none` (no active probes for the pools that use it).
+    healths: tuple[tuple[str, HealthConfig | None], ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
 
 
 class ConfigError(ValueError):
@@ -496,6 +563,358 @@ def _parse_request_id(text: str) -> str:
     return s
 
 
+# ---------------------------------------------------------------------------------------------- pools, routes
+MAX_SPLIT_WEIGHT = 1000  # `pool = stable 90, canary 10`: Traefik's weighted services take any int; keep it small
+REDIRECT_PLACEHOLDERS = ("scheme", "host", "port", "path", "query")
+ROUTE_SCHEMES = ("http", "https")
+# Fields balrs frames messages by: a route may neither set nor remove them.
+_FRAMING_FIELDS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
+    "trailer", "upgrade",
+})
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT_RE = re.compile(r"%(?:([0-9A-Fa-f]{2})|(.{0,2}))", re.DOTALL)
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+_URL_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_STATUS_RE = re.compile(r"[0-9]{3}")
+
+
+def _name_parser(kind: str) -> Callable[[str], str]:
+    """A pool (or health section) name, as in ``pool = api``: the charset of backend names."""
+
+    def parse(text: str) -> str:
+        s = text.strip()
+        if not s:
+            raise ValueError(f"empty value (expected a {kind} name)")
+        if not _BACKEND_NAME_RE.fullmatch(s):
+            raise ValueError(f"invalid {kind} name {s!r} (letters, digits, _ . : - only)")
+        return s
+
+    return parse
+
+
+_parse_pool_name = _name_parser("pool")
+_parse_health_name = _name_parser("health section")
+
+
+def _parse_named_probe_path(text: str) -> str | None:
+    """[health NAME] path: as in [health], or ``none`` (no active probes for the pools using it) -> None."""
+    s = text.strip()
+    if s.lower() == "none":
+        return None
+    if s.lower() != "tcp" and not s.startswith("/"):
+        raise ValueError(
+            f"probe path {s!r} must start with '/' (or be 'tcp' for a connect-only probe, 'none' for none)"
+        )
+    return _parse_probe_path(s)
+
+
+def _items(text: str) -> list[tuple[str, int]]:
+    """The non-empty items of a comma list that may also continue on lines: (item stripped, line part)."""
+    return [
+        (item.strip(), part)
+        for part, line_text in enumerate(text.split("\n"))
+        for item in line_text.split(",")
+        if item.strip()
+    ]
+
+
+def _parse_route_hosts(text: str) -> tuple[str, ...]:
+    """``api.example.com, *.example.com``: lowercased; ``*.`` + a name; IP literals (IPv6 as ``[::1]``)."""
+    found: list[str] = []
+    for item, _ in _items(text):
+        host = item.lower()
+        wildcard = host.startswith("*.")
+        name = host[2:] if wildcard else host
+        if "*" in name:
+            raise ValueError(f"{item!r}: '*' is allowed only as a whole first label, as in *.example.com")
+        if wildcard and (name.startswith("[") or _is_ipv6(name) or all(c.isdigit() or c == "." for c in name)):
+            raise ValueError(f"{item!r}: a wildcard needs a host name, not an IP address")
+        if name.startswith("["):
+            close = name.find("]")
+            if close < 0:
+                raise ValueError(f"{item!r} is missing ']' after the IPv6 literal")
+            if name[close + 1 :]:
+                raise ValueError(f"{item!r}: no port here (Host is matched without its port)")
+            if not _is_ipv6(name[1:close]):
+                raise ValueError(f"{name[1:close]!r} in brackets is not an IPv6 address")
+            name = "[" + str(ipaddress.IPv6Address(name[1:close])) + "]"
+        elif _is_ipv6(name):
+            name = "[" + str(ipaddress.IPv6Address(name)) + "]"
+        elif ":" in name:
+            raise ValueError(f"{item!r}: no port here (Host is matched without its port)")
+        else:
+            if not name or name.endswith("."):
+                raise ValueError(f"invalid host name {item!r} (write it without a trailing '.')")
+            _check_host_name(name)
+        host = "*." + name if wildcard else name
+        if host in found:
+            raise ValueError(f"host {host} is listed twice")
+        found.append(host)
+    if not found:
+        raise ValueError("needs at least one host name (e.g. api.example.com or *.example.com)")
+    return tuple(found)
+
+
+def _check_route_path(text: str, what: str, prefix: bool = False) -> str:
+    """A path as requests are matched: ``/``-rooted visible ASCII, no query or fragment, and already in
+    the normalised form (RFC 3986 §6.2.2: no percent-encoded unreserved characters, no dot-segments), since
+    matching only ever sees that form.  A ``prefix`` may end in a partial segment (``/api/.`` matches
+    ``/api/.well-known``)."""
+    s = text.strip()
+    if not s:
+        raise ValueError(f"empty {what} (expected a path such as /api/)")
+    if not s.startswith("/"):
+        raise ValueError(f"{what} {s!r} must start with '/'")
+    if any(c <= " " or c == "\x7f" for c in s):
+        raise ValueError(f"{what} {s!r} must not contain spaces or control characters")
+    if not s.isascii():
+        raise ValueError(f"{what} {s!r} must be ASCII (percent-encode other characters)")
+    for c in "?#":
+        if c in s:
+            raise ValueError(f"{what} {s!r} must not contain {c!r} (the path is matched without query or fragment)")
+    for m in _PERCENT_RE.finditer(s):
+        if m.group(1) is None:
+            raise ValueError(f"{what} {s!r}: '%' must be followed by two hex digits")
+        char = chr(int(m.group(1), 16))
+        if char in _UNRESERVED:
+            raise ValueError(
+                f"{what} {s!r} would never match: paths are matched decoded, write {char!r} for {m.group(0)!r}"
+            )
+    segments = s.split("/")[1:]
+    for i, segment in enumerate(segments):
+        if segment in (".", "..") and not (prefix and i == len(segments) - 1):
+            raise ValueError(f"{what} {s!r} would never match: paths are matched with dot-segments removed")
+    return s
+
+
+def _parse_path_prefix(text: str) -> str:
+    return _check_route_path(text, "path prefix", prefix=True)
+
+
+def _parse_exact_path(text: str) -> str:
+    return _check_route_path(text, "path")
+
+
+def _parse_path_regex(text: str) -> str:
+    s = text.strip()
+    if not s:
+        raise ValueError("empty regular expression")
+    try:
+        re.compile(s)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {_clip(s)!r}: {exc}") from None
+    return s
+
+
+def _parse_methods(text: str) -> tuple[str, ...]:
+    found: list[str] = []
+    for item, _ in _items(text):
+        if not _TOKEN_RE.fullmatch(item):
+            raise ValueError(f"{item!r} is not a method (an HTTP token, e.g. GET)")
+        method = item.upper()
+        if method in found:
+            raise ValueError(f"method {method} is listed twice")
+        found.append(method)
+    if not found:
+        raise ValueError("needs at least one method (e.g. GET, HEAD)")
+    return tuple(found)
+
+
+def _check_field_value(value: str, part: int) -> str:
+    # RFC 9110 §5.5 field-value, ASCII only: visible characters, spaces and tabs
+    if any((c < " " and c != "\t") or c == "\x7f" for c in value):
+        raise _PartError(f"value {value!r} must not contain control characters", part)
+    if not value.isascii():
+        raise _PartError(f"value {value!r} must be ASCII", part)
+    return value
+
+
+def _field_lines(text: str) -> list[tuple[str, str, str | None, int]]:
+    """One ``Name: value`` or ``Name`` per line -> (line, name, value or None, part); names are tokens."""
+    out: list[tuple[str, str, str | None, int]] = []
+    for part, line_text in enumerate(text.split("\n")):
+        line = line_text.strip()
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        name = name.strip()
+        if not _TOKEN_RE.fullmatch(name):
+            if "=" in name:
+                raise _PartError(f"{line!r} is not a header; an indented line continues the value above", part)
+            raise _PartError(f"{name!r} is not a valid header field name (expected 'Name: value')", part)
+        out.append((line, name, _check_field_value(value.strip(), part) if colon else None, part))
+    return out
+
+
+def _parse_match_headers(text: str) -> tuple[tuple[str, str | None], ...]:
+    """``X-Canary: 1`` (exact value) or ``X-Canary`` (present), one per line -> ((lowercased name, value))."""
+    found: list[tuple[str, str | None]] = []
+    for _, name, value, part in _field_lines(text):
+        if any(name.lower() == seen for seen, _ in found):
+            raise _PartError(f"header {name} is listed twice", part)
+        found.append((name.lower(), value))
+    if not found:
+        raise ValueError("needs at least one header (Name: value, or Name for presence)")
+    return tuple(found)
+
+
+def _check_framing(name: str, verb: str, part: int) -> None:
+    if name.lower() in _FRAMING_FIELDS:
+        raise _PartError(f"{name} is a field balrs itself frames messages by; a route cannot {verb} it", part)
+
+
+def _parse_set_headers(text: str) -> tuple[tuple[str, str], ...]:
+    """``Name: value`` per line -> ((name as written, value)); replaces any field of that name."""
+    found: list[tuple[str, str]] = []
+    for line, name, value, part in _field_lines(text):
+        if value is None:
+            raise _PartError(f"{line!r} has no value (expected 'Name: value')", part)
+        _check_framing(name, "set", part)
+        if any(name.lower() == seen.lower() for seen, _ in found):
+            raise _PartError(f"header {name} is set twice", part)
+        found.append((name, value))
+    if not found:
+        raise ValueError("needs at least one 'Name: value'")
+    return tuple(found)
+
+
+def _parse_remove_headers(text: str) -> tuple[str, ...]:
+    """Field names, comma-separated and/or one line each -> lowercased names."""
+    found: list[str] = []
+    for item, part in _items(text):
+        if not _TOKEN_RE.fullmatch(item):
+            if "=" in item:
+                raise _PartError(f"{item!r} is not a header name; an indented line continues the value above", part)
+            raise _PartError(f"{item!r} is not a valid header field name", part)
+        _check_framing(item, "remove", part)
+        if item.lower() in found:
+            raise _PartError(f"header {item} is listed twice", part)
+        found.append(item.lower())
+    if not found:
+        raise ValueError("needs at least one header name")
+    return tuple(found)
+
+
+def _parse_client_ip(text: str) -> tuple[str, ...]:
+    """Addresses and CIDRs -> ip_network strings (``10.1.2.3/8`` -> ``10.0.0.0/8``, ``::1`` -> ``::1/128``)."""
+    found: list[str] = []
+    for item, _ in _items(text):
+        if item.startswith("["):
+            raise ValueError(f"{item!r}: write IPv6 addresses without brackets (e.g. ::1 or fd00::/8)")
+        try:
+            network = str(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"invalid address or CIDR {item!r} (expected e.g. 10.0.0.0/8, 127.0.0.1 or ::1)") from None
+        if network in found:
+            raise ValueError(f"{network} is listed twice")
+        found.append(network)
+    if not found:
+        raise ValueError("needs at least one address or CIDR (e.g. 10.0.0.0/8)")
+    return tuple(found)
+
+
+def _parse_scheme(text: str) -> str:
+    s = text.strip().lower()
+    if s not in ROUTE_SCHEMES:
+        raise ValueError(f"unknown scheme {text.strip()!r} (expected http or https)")
+    return s
+
+
+def _parse_route_pools(text: str) -> tuple[tuple[str, int], ...]:
+    """``api`` -> (("api", 1),); ``stable 90, canary 10`` -> a weighted split (every pool needs a weight)."""
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        raise ValueError("empty value (expected a pool name, or a weighted split like 'stable 90, canary 10')")
+    found: list[tuple[str, int | None]] = []
+    for item in items:
+        if not item:
+            raise ValueError(f"empty item in {text.strip()!r} (expected 'pool weight, pool weight')")
+        words = item.split()
+        if len(words) > 2:
+            raise ValueError(f"{item!r}: expected a pool name and an optional weight, e.g. 'canary 10'")
+        name = _parse_pool_name(words[0])
+        weight: int | None = None
+        if len(words) == 2:
+            try:
+                weight = _int_range(1, MAX_SPLIT_WEIGHT)(words[1])
+            except ValueError as exc:
+                raise ValueError(f"weight of pool {name}: {exc}") from None
+        if any(name == seen for seen, _ in found):
+            raise ValueError(f"pool {name} is listed twice")
+        found.append((name, weight))
+    if len(found) > 1:
+        missing = [name for name, weight in found if weight is None]
+        if missing:
+            raise ValueError(f"a weighted split needs a weight for every pool (none for {missing[0]})")
+    return tuple((name, 1 if weight is None else weight) for name, weight in found)
+
+
+def _parse_redirect(text: str) -> str:
+    """A Location template: absolute (``https://...``, ``{scheme}://...``) or ``/``-rooted (``/x``, ``{path}``),
+    visible ASCII, with only the placeholders {scheme} {host} {port} {path} {query}."""
+    s = text.strip()
+    if not s:
+        raise ValueError("empty URL (expected e.g. https://{host}{path}{query})")
+    if any(c < " " or c == "\x7f" for c in s):
+        raise ValueError(f"URL {s!r} must not contain control characters")
+    if any(c.isspace() for c in s):
+        raise ValueError(f"URL {s!r} must not contain spaces (percent-encode them as %20)")
+    if not s.isascii():
+        raise ValueError(f"URL {s!r} must be ASCII (percent-encode other characters)")
+    for m in _PLACEHOLDER_RE.finditer(s):
+        if m.group(1) not in REDIRECT_PLACEHOLDERS:
+            allowed = " ".join("{" + p + "}" for p in REDIRECT_PLACEHOLDERS)
+            raise ValueError(f"unknown placeholder {m.group(0)!r} (expected {allowed})")
+    rest = _PLACEHOLDER_RE.sub("", s)
+    for c in "{}":
+        if c in rest:
+            raise ValueError(f"URL {s!r} has an unmatched {c!r} (braces only around placeholders)")
+    if not (s.startswith(("/", "{path}", "{scheme}")) or _URL_SCHEME_RE.match(s)):
+        raise ValueError(
+            f"URL {s!r} must start with a scheme (https://...), {{scheme}}, '/' or {{path}}"
+        )
+    return s
+
+
+def _parse_redirect_code(text: str) -> int:
+    s = text.strip()
+    if not _STATUS_RE.fullmatch(s) or int(s) not in REDIRECT_CODES:
+        raise ValueError(f"invalid redirect code {s!r} (expected {', '.join(map(str, REDIRECT_CODES))})")
+    return int(s)
+
+
+def _parse_return(text: str) -> tuple[int, str | None]:
+    """``403`` or ``200 ok``: a status 200..599, then an optional text/plain body."""
+    words = text.strip().split(None, 1)
+    if not words or not _STATUS_RE.fullmatch(words[0]):
+        raise ValueError(f"invalid return {text.strip()!r} (expected a status, then an optional text, e.g. 403)")
+    status = int(words[0])
+    if not 200 <= status <= 599:
+        raise ValueError(f"status {status} is out of range 200..599")
+    body = words[1].strip() if len(words) > 1 else None
+    if body is not None and status in (204, 304):
+        raise ValueError(f"a {status} response has no body")
+    return status, body
+
+
+def _check_prefix_modifier(text: str, key: str) -> str:
+    s = _check_route_path(text, key)
+    if s == "/":
+        raise ValueError(f"{key} '/' does nothing")
+    if s.endswith("/"):
+        raise ValueError(f"{key} {s!r} must not end with '/' (write {s.rstrip('/')!r})")
+    return s
+
+
+def _parse_strip_prefix(text: str) -> str:
+    return _check_prefix_modifier(text, "strip_prefix")
+
+
+def _parse_add_prefix(text: str) -> str:
+    return _check_prefix_modifier(text, "add_prefix")
+
+
 def _int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = _parse_int(text)
@@ -579,7 +998,74 @@ _BACKEND_KEYS: dict[str, tuple[_Parser, object]] = {
     "address": (parse_address, _REQUIRED),
     "weight": (_int_range(1, MAX_WEIGHT), DEFAULT_WEIGHT),
     "max_connections": (_int_range(0), DEFAULT_BACKEND_MAX_CONNECTIONS),
+    "pool": (_parse_pool_name, DEFAULT_POOL),
 }
+
+# [health NAME]: the keys of [health]; a key it does not set comes from [health] (see _build).
+_NAMED_HEALTH_KEYS: dict[str, tuple[_Parser, object]] = dict(
+    _HEALTH_KEYS, path=(_parse_named_probe_path, DEFAULT_HEALTH_PATH)
+)
+
+# Keys of [pool NAME] are the PoolConfig fields of the same name; None = inherit [balancer]'s.
+_POOL_KEYS: dict[str, tuple[_Parser, object]] = {
+    "strategy": (_parse_strategy, None),
+    "hash_key": (_parse_hash_key, None),
+    "retries": (_int_range(0, MAX_RETRIES), None),
+    "queue_timeout": (_duration(allow_zero=True), None),
+    "backup": (_parse_pool_name, None),
+    "health": (_parse_health_name, ""),
+}
+
+# [route NAME]: every key defaults to "unset" (the RouteConfig field keeps its default).
+_ROUTE_KEYS: dict[str, tuple[_Parser, object]] = {
+    # match keys
+    "host": (_parse_route_hosts, None),
+    "path_prefix": (_parse_path_prefix, None),
+    "path": (_parse_exact_path, None),
+    "path_regex": (_parse_path_regex, None),
+    "method": (_parse_methods, None),
+    "header": (_parse_match_headers, None),
+    "client_ip": (_parse_client_ip, None),
+    "scheme": (_parse_scheme, None),
+    # actions (exactly one)
+    "pool": (_parse_route_pools, None),
+    "redirect": (_parse_redirect, None),
+    "redirect_code": (_parse_redirect_code, None),
+    "return": (_parse_return, None),
+    # modifiers (with `pool`)
+    "strip_prefix": (_parse_strip_prefix, None),
+    "add_prefix": (_parse_add_prefix, None),
+    "set_request_header": (_parse_set_headers, None),
+    "remove_request_header": (_parse_remove_headers, None),
+    "set_response_header": (_parse_set_headers, None),
+    "remove_response_header": (_parse_remove_headers, None),
+}
+# the RouteConfig field of each [route] key; `return` fills return_status and return_body
+_ROUTE_FIELDS = {
+    "host": "hosts",
+    "path_prefix": "path_prefix",
+    "path": "path",
+    "path_regex": "path_regex",
+    "method": "methods",
+    "header": "headers",
+    "client_ip": "client_ip",
+    "scheme": "scheme",
+    "pool": "pools",
+    "redirect": "redirect",
+    "redirect_code": "redirect_code",
+    "return": "return_status",
+    "strip_prefix": "strip_prefix",
+    "add_prefix": "add_prefix",
+    "set_request_header": "set_request_headers",
+    "remove_request_header": "remove_request_headers",
+    "set_response_header": "set_response_headers",
+    "remove_response_header": "remove_response_headers",
+}
+_ROUTE_ACTIONS = ("pool", "redirect", "return")
+_ROUTE_MODIFIERS = (
+    "strip_prefix", "add_prefix", "set_request_header", "remove_request_header", "set_response_header",
+    "remove_response_header",
+)
 
 _ADMIN_KEYS: dict[str, tuple[_Parser, object]] = {
     "listen": (_parse_listen, _REQUIRED),
@@ -599,9 +1085,18 @@ _SECTION_KEYS: dict[str, dict[str, tuple[_Parser, object]]] = {
     "backend": _BACKEND_KEYS,
     "admin": _ADMIN_KEYS,
     "log": _LOG_KEYS,
+    "pool": _POOL_KEYS,
+    "route": _ROUTE_KEYS,
 }
 
-_MULTILINE_KEYS = frozenset({"listen"})  # the only values that may continue on indented lines
+# Per section kind, the values that may continue on indented lines (one value per line for [route]).
+_MULTILINE_KEYS: dict[str, frozenset[str]] = {
+    "balancer": frozenset({"listen"}),
+    "admin": frozenset({"listen"}),
+    "route": frozenset({
+        "header", "set_request_header", "remove_request_header", "set_response_header", "remove_response_header",
+    }),
+}
 
 
 # ---------------------------------------------------------------------------------------------- reader
@@ -617,10 +1112,10 @@ class _Entry:
 
 @dataclass
 class _Section:
-    kind: str  # balancer | health | admin | log | backend
-    name: str  # as shown in errors: "balancer", "backend b1"
+    kind: str  # balancer | health | admin | log | backend | pool | route ("" = thrown away)
+    name: str  # as shown in errors: "balancer", "backend b1", "health api"
     line: int
-    backend_name: str = ""
+    label: str = ""  # NAME of [backend NAME], [pool NAME], [health NAME], [route NAME]; "" for [health]
     entries: dict[str, _Entry] = field(default_factory=dict)
 
 
@@ -704,28 +1199,33 @@ def _read_header(body: str, lineno: int, path: str, errors: list[ConfigError]) -
     if title in ("balancer", "health", "admin", "log"):
         return _Section(kind=title, name=title, line=lineno)
     words = title.split(None, 1)
-    if words and words[0] == "backend":
+    if words and words[0] in _NAMED_SECTIONS:
+        kind = words[0]
         if len(words) == 1:
-            errors.append(ConfigError(path, lineno, "backend section needs a name: [backend NAME]", title))
+            errors.append(ConfigError(path, lineno, f"{kind} section needs a name: [{kind} NAME]", title))
             return None
         name = words[1].strip()
         if not _BACKEND_NAME_RE.fullmatch(name):
             errors.append(
                 ConfigError(
-                    path, lineno, f"invalid backend name {name!r} (letters, digits, _ . : - only)", title
+                    path, lineno, f"invalid {kind} name {name!r} (letters, digits, _ . : - only)", title
                 )
             )
             return None
-        return _Section(kind="backend", name="backend " + name, line=lineno, backend_name=name)
+        return _Section(kind=kind, name=f"{kind} {name}", line=lineno, label=name)
     errors.append(
         ConfigError(
             path,
             lineno,
-            "unknown section (expected [balancer], [health], [admin], [log] or [backend NAME])",
+            "unknown section (expected [balancer], [health], [admin], [log], [backend NAME], [pool NAME],"
+            " [health NAME] or [route NAME])",
             title or None,
         )
     )
     return None
+
+
+_NAMED_SECTIONS = ("backend", "pool", "health", "route")
 
 
 def _clip(text: str, limit: int = 40) -> str:
@@ -735,11 +1235,12 @@ def _clip(text: str, limit: int = 40) -> str:
 # ---------------------------------------------------------------------------------------------- builder
 
 
-def _section_values(section: _Section, path: str, errors: list[ConfigError]) -> dict[str, Any] | None:
-    """Parse every entry of a section through its key table; None if anything was wrong."""
-    table = _SECTION_KEYS[section.kind]
+def _parse_section(section: _Section, path: str, errors: list[ConfigError]) -> dict[str, Any]:
+    """Parse every entry of a section through its key table: the values of the entries that parsed, and
+    the defaults of keys not given (a key whose value is wrong is absent); errors go to ``errors``."""
+    table = _NAMED_HEALTH_KEYS if section.kind == "health" and section.label else _SECTION_KEYS[section.kind]
+    multiline = _MULTILINE_KEYS.get(section.kind, frozenset())
     values: dict[str, Any] = {}
-    before = len(errors)
     for key, entry in section.entries.items():
         spec = table.get(key)
         if spec is None:
@@ -747,13 +1248,14 @@ def _section_values(section: _Section, path: str, errors: list[ConfigError]) -> 
             message = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
             errors.append(ConfigError(path, entry.line, message, section.name, key))
             continue
-        if len(entry.parts) > 1 and key not in _MULTILINE_KEYS:
+        if len(entry.parts) > 1 and key not in multiline:
+            allowed = ", ".join(sorted(multiline)) if section.kind == "route" else "listen"
             errors.append(
                 ConfigError(
                     path,
                     entry.line,
                     f"value continues on indented line {entry.part_lines[1]};"
-                    " only listen may span several lines",
+                    f" only {allowed} may span several lines",
                     section.name,
                     key,
                 )
@@ -773,7 +1275,7 @@ def _section_values(section: _Section, path: str, errors: list[ConfigError]) -> 
             errors.append(ConfigError(path, section.line, "required key is missing", section.name, key))
         else:
             values[key] = default
-    return values if len(errors) == before else None
+    return values
 
 
 def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Config | None:
@@ -784,13 +1286,28 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
     admin_section: _Section | None = None
     log_config = LogConfig()
     backends: list[BackendConfig] = []
+    backend_pools: list[str] = []  # the pool of every backend section that names one validly
+    named_healths: list[tuple[_Section, dict[str, Any]]] = []
+    pool_sections: list[tuple[_Section, dict[str, Any]]] = []
+    route_sections: list[tuple[_Section, dict[str, Any]]] = []
     for section in sections:
-        values = _section_values(section, path, errors)
+        before = len(errors)
+        # pools and routes are checked against each other even when some of their keys are wrong
+        partial = _parse_section(section, path, errors)
+        values = partial if len(errors) == before else None
+        if section.kind == "backend" and "pool" in partial:
+            backend_pools.append(partial["pool"])
         if section.kind == "balancer":
             balancer_section = section
             balancer = values
+        elif section.kind == "pool":
+            pool_sections.append((section, partial))
+        elif section.kind == "route":
+            route_sections.append((section, partial))
         elif values is None:
             continue
+        elif section.kind == "health" and section.label:
+            named_healths.append((section, values))
         elif section.kind == "health":
             health = HealthConfig(**values)
         elif section.kind == "admin":
@@ -799,7 +1316,7 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
         elif section.kind == "log":
             log_config = LogConfig(**values)
         else:
-            backends.append(BackendConfig(name=section.backend_name, line=section.line, **values))
+            backends.append(BackendConfig(name=section.label, line=section.line, **values))
 
     if balancer is not None and admin is not None and admin_section is not None:
         shared = [a for a in admin.listen if a in balancer["listen"]]
@@ -808,6 +1325,12 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
             errors.append(
                 ConfigError(path, line, f"{shared[0]} is also a [balancer] listen address", "admin", "listen")
             )
+    # Every pool that exists: declared ones and those a backend names (a [health NAME] section counts
+    # as existing even when some of its keys are wrong, so that only those keys are blamed).
+    pool_names = {section.label for section, _ in pool_sections} | set(backend_pools)
+    health_names = {section.label for section in sections if section.kind == "health" and section.label}
+    _check_pools(pool_sections, pool_names, health_names, path, errors)
+    routes = [_route(section, values, pool_names, path, errors) for section, values in route_sections]
     if errors:
         return None
     # Only now the errors that may merely follow from another one (a misspelt header).
@@ -825,7 +1348,122 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
         )
         return None
     assert balancer is not None  # no errors, so [balancer] parsed
-    return Config(path=path, health=health, backends=tuple(backends), admin=admin, log=log_config, **balancer)
+    pools = [PoolConfig(name=section.label, line=section.line, **values) for section, values in pool_sections]
+    declared = {pool.name for pool in pools}
+    for backend in backends:  # implicit pools, in order of first appearance
+        if backend.pool not in declared:
+            declared.add(backend.pool)
+            pools.append(PoolConfig(backend.pool))
+    return Config(
+        path=path,
+        health=health,
+        backends=tuple(backends),
+        admin=admin,
+        log=log_config,
+        pools=tuple(pools),
+        healths=tuple(_named_health(section, values, health) for section, values in named_healths),
+        routes=tuple(route for route in routes if route is not None),
+        **balancer,
+    )
+
+
+def _named_health(
+    section: _Section, values: dict[str, Any], health: HealthConfig | None
+) -> tuple[str, HealthConfig | None]:
+    """A [health NAME] section: the keys it does not give come from [health] when that exists."""
+    merged = dict(values)
+    if health is not None:
+        for key in _HEALTH_KEYS:
+            if key not in section.entries:
+                merged[key] = getattr(health, key)
+    if merged["path"] is None:  # path = none: no active probes
+        return section.label, None
+    return section.label, HealthConfig(**merged)
+
+
+def _unknown_pool(name: str) -> str:
+    return f"unknown pool {name!r} (no [pool {name}] section, and no backend has pool = {name})"
+
+
+def _check_pools(
+    pool_sections: list[tuple[_Section, dict[str, Any]]],
+    pool_names: set[str],
+    health_names: set[str],
+    path: str,
+    errors: list[ConfigError],
+) -> None:
+    """``backup`` names another pool that exists, without a loop; ``health`` names a [health NAME]."""
+    backups: dict[str, str] = {}
+    for section, values in pool_sections:
+        backup = values.get("backup")
+        if backup is not None:
+            line = section.entries["backup"].line
+            if backup == section.label:
+                errors.append(ConfigError(path, line, "a pool cannot be its own backup", section.name, "backup"))
+            elif backup not in pool_names:
+                errors.append(ConfigError(path, line, _unknown_pool(backup), section.name, "backup"))
+            else:
+                backups[section.label] = backup
+        health = values.get("health")
+        if health and health not in health_names:
+            line = section.entries["health"].line
+            message = f"unknown health section {health!r} (no [health {health}] section)"
+            errors.append(ConfigError(path, line, message, section.name, "health"))
+    for section, _ in pool_sections:
+        if section.label not in backups:
+            continue
+        chain = [section.label]
+        name = backups[section.label]
+        while name in backups and name not in chain:
+            chain.append(name)
+            name = backups[name]
+        if name == section.label:  # every pool on the loop is blamed; the topmost error wins
+            line = section.entries["backup"].line
+            message = "backup chain loops: " + " -> ".join(chain + [name])
+            errors.append(ConfigError(path, line, message, section.name, "backup"))
+
+
+def _route(
+    section: _Section, values: dict[str, Any], pool_names: set[str], path: str, errors: list[ConfigError]
+) -> RouteConfig | None:
+    """A [route NAME] from the values of its keys that parsed; None if something was wrong with it."""
+    entries = section.entries
+    before = len(errors)
+
+    def error(key: str, message: str) -> None:
+        errors.append(ConfigError(path, entries[key].line, message, section.name, key))
+
+    actions = sorted((key for key in _ROUTE_ACTIONS if key in entries), key=lambda key: entries[key].line)
+    if not actions:
+        message = "no action (a route needs exactly one of pool, redirect, return)"
+        errors.append(ConfigError(path, section.line, message, section.name))
+    for key in actions[1:]:
+        first = actions[0]
+        error(key, f"a route has exactly one action, and this one already has {first} (line {entries[first].line})")
+    if actions and actions[0] != "pool":
+        for key in _ROUTE_MODIFIERS:
+            if key in entries:
+                error(key, f"only with pool (this route's action is {actions[0]})")
+    if "redirect_code" in entries and "redirect" not in entries:
+        error("redirect_code", "only with redirect")
+    for name, _ in values.get("pool") or ():
+        if name not in pool_names:
+            error("pool", _unknown_pool(name))
+    for direction in ("request", "response"):
+        set_key, remove_key = f"set_{direction}_header", f"remove_{direction}_header"
+        removed = values.get(remove_key) or ()
+        both = [name for name, _ in values.get(set_key) or () if name.lower() in removed]
+        if both:
+            error(max(set_key, remove_key, key=lambda key: entries[key].line), f"{both[0]} is both set and removed")
+    if len(errors) != before or any(key not in values for key in entries):
+        return None
+    fields: dict[str, Any] = {}
+    for key in entries:
+        if key == "return":
+            fields["return_status"], fields["return_body"] = values[key]
+        else:
+            fields[_ROUTE_FIELDS[key]] = values[key]
+    return RouteConfig(name=section.label, line=section.line, **fields)
 
 
 # ---------------------------------------------------------------------------------------------- entry points
