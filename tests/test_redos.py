@@ -248,7 +248,45 @@ AUDITED = {
     ("balrs.config", "_BACKEND_NAME_RE"): "test_config_patterns",
     ("balrs.config", "_EXPECT_RE"): "test_config_patterns",
     ("balrs.config", "_INLINE_COMMENT_RE"): "test_config_patterns",
+    # Linear: one fixed octet, then a bounded or single-class repetition each.
+    ("balrs.config", "_PERCENT_RE"): "test_route_patterns",
+    ("balrs.config", "_PLACEHOLDER_RE"): "test_route_patterns",
+    ("balrs.config", "_URL_SCHEME_RE"): "test_route_patterns",
+    ("balrs.config", "_STATUS_RE"): "test_route_patterns",
+    # Linear: alternatives of one or two fixed octets.
+    ("balrs.http.paths", "_SUSPECT"): "test_route_patterns",
+    # Linear: "{", one of five fixed words, "}".
+    ("balrs.routing", "_PLACEHOLDER"): "test_route_patterns",
 }
+
+
+def test_route_patterns():
+    """The patterns of [route] values, path normalisation and redirect templates, on long hostile text."""
+    import balrs.config as C
+    import balrs.http.paths as P
+    import balrs.routing as R
+    texts = ["%" * 60000, "%4" * 30000, "{" * 60000, "{" * 30000 + "}" * 30000, "{host" * 12000,
+             "a" * 60000 + ":", "a+" * 30000, "9" * 60000]
+    # How balrs uses each: the scanning ones with finditer/sub, the anchored ones with match/fullmatch
+    # (a search of "[A-Za-z][A-Za-z0-9+.-]*:" would be quadratic, and is never made).
+    scanning = (C._PERCENT_RE, C._PLACEHOLDER_RE, R._PLACEHOLDER)
+    anchored = (C._URL_SCHEME_RE, C._STATUS_RE)
+    for pattern in scanning + anchored:
+        for text in texts:
+            t0 = time.perf_counter()
+            pattern.fullmatch(text)
+            pattern.match(text)
+            if pattern in scanning:
+                list(pattern.finditer(text))
+            assert time.perf_counter() - t0 < BOUND, (pattern.pattern, text[:20])
+    for raw in (b"/" * 60000, b"/." * 30000, b"%" * 60000, b"/%2e%2e" * 8000, b"\\" * 60000):
+        t0 = time.perf_counter()
+        P._SUSPECT.search(raw)
+        try:
+            P.normalise_target(b"/a" + raw)
+        except Exception:
+            pass
+        assert time.perf_counter() - t0 < BOUND, raw[:20]
 
 
 def _balrs_modules() -> List[str]:
