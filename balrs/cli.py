@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .accesslog import RateLimitFilter
-from .config import STRATEGIES, Config, ConfigError, load, parse_address
+from .config import DEFAULT_POOL, STRATEGIES, Config, ConfigError, PoolConfig, load, parse_address
 
 __all__ = ["main", "build_parser"]
 
@@ -57,8 +57,25 @@ def apply_overrides(config: Config, listen: Optional[str], strategy: Optional[st
         if canonical is None:
             raise ValueError("--strategy: unknown strategy %r (expected one of %s)"
                              % (strategy, ", ".join(sorted(STRATEGIES))))
-        config = dataclasses.replace(config, strategy=canonical)
+        config = _override_default_strategy(config, canonical)
     return config
+
+
+def _override_default_strategy(config: Config, strategy: str) -> Config:
+    """``--strategy`` sets the default pool's strategy only (other pools keep theirs, and those that
+    inherit [balancer]'s keep inheriting the file's)."""
+    pools = list(config.pools)
+    names = [p.name for p in pools]
+    if DEFAULT_POOL in names:
+        i = names.index(DEFAULT_POOL)
+        pools[i] = dataclasses.replace(pools[i], strategy=strategy)
+    elif any(b.pool == DEFAULT_POOL for b in config.backends):
+        pools.append(PoolConfig(DEFAULT_POOL, strategy=strategy))
+    others = [p for p in pools if p.name != DEFAULT_POOL]
+    if not others and not any(b.pool != DEFAULT_POOL for b in config.backends):
+        # Only the default pool: [balancer] strategy is its strategy (as /status reports it).
+        return dataclasses.replace(config, strategy=strategy, pools=tuple(pools))
+    return dataclasses.replace(config, pools=tuple(pools))
 
 
 def _raise_fd_limit() -> None:

@@ -33,7 +33,7 @@ import os
 import random
 import socket
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, Optional
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, Optional, Union
 
 from .http.errors import ProtocolError
 from .http.heads import RESPONSE, HeadBuffer, parse_response_head
@@ -41,7 +41,7 @@ from .transport import Protocol, Transport, connect
 
 if TYPE_CHECKING:
     from .config import Config, HealthConfig
-    from .pool import Backend, Pool
+    from .pool import Backend, Pool, Pools
     from .reactor import Reactor
     from .timerwheel import Timer
 
@@ -112,11 +112,15 @@ class _Probe(Protocol):
     (refused, reset, timed out, a bad or unexpected answer, a bug) goes through :meth:`finish` once,
     which closes the transport first."""
 
-    __slots__ = ("health", "backend", "state", "tr", "timer", "started_at", "heads")
+    __slots__ = ("health", "backend", "cfg", "state", "tr", "timer", "started_at", "heads")
 
-    def __init__(self, health: Health, backend: Backend) -> None:
+    def __init__(self, health: Health, backend: Backend, cfg: Optional[HealthConfig] = None) -> None:
         self.health = health
         self.backend = backend
+        if cfg is None:
+            cfg = health.health_of(backend)
+            assert cfg is not None, "a probe needs a health section"
+        self.cfg = cfg  # the [health] (or its pool's [health NAME]) section it probes with
         self.state = P_IDLE
         self.tr: Optional[Transport] = None  # the probe in flight's connection
         # The one timer: while idle, the one that starts the next probe; in flight, the deadline.
@@ -151,8 +155,8 @@ class _Probe(Protocol):
         self.timer = None
         health = self.health
         backend = self.backend
-        cfg = health.hcfg
-        if cfg is None or health.probes.get(backend) is not self or backend.draining:
+        cfg = self.cfg
+        if health.probes.get(backend) is not self or backend.draining:
             # Removed by a reload (reload() normally stops it first): probe no more.
             self.close()
             if health.probes.get(backend) is self:
@@ -185,9 +189,9 @@ class _Probe(Protocol):
 
     # ---- transport events ----
     def connection_made(self) -> None:
-        cfg = self.health.hcfg
+        cfg = self.cfg
         tr = self.tr
-        assert cfg is not None and tr is not None
+        assert tr is not None
         if cfg.path == "tcp":
             # Connect-only probe: never send a byte.
             self.finish(True, "connected")
@@ -225,9 +229,7 @@ class _Probe(Protocol):
                     # RFC 9110 §15.2: an interim response; the final one follows.
                     head = heads.pop_head()
                     continue
-                cfg = self.health.hcfg
-                assert cfg is not None
-                lo, hi = cfg.expect
+                lo, hi = self.cfg.expect
                 self.finish(lo <= resp.status <= hi, "status %d" % resp.status)
                 return
         except ProtocolError as exc:
@@ -241,8 +243,7 @@ class _Probe(Protocol):
 
     def _timed_out(self) -> None:
         self.timer = None
-        cfg = self.health.hcfg
-        self.finish(False, "timed out after %gs" % (cfg.timeout if cfg is not None else 0.0))
+        self.finish(False, "timed out after %gs" % self.cfg.timeout)
 
     def finish(self, ok: bool, why: str) -> None:
         """The one way a probe in flight ends: close everything, report, schedule the next."""
@@ -260,8 +261,8 @@ class _Probe(Protocol):
         """Schedule the next probe one (jittered) interval after this one started; if that time has
         already passed, the missed turn is skipped and the next comes one interval from now."""
         health = self.health
-        cfg = health.hcfg
-        if cfg is None or health.probes.get(self.backend) is not self:
+        cfg = self.cfg
+        if health.probes.get(self.backend) is not self:
             return
         now = health.now
         when = self.started_at + health.jittered(cfg.interval)
@@ -285,15 +286,17 @@ class _Probe(Protocol):
 class Health:
     """Owns every backend's up/down state. The proxy reports live-traffic outcomes to it."""
 
-    def __init__(self, reactor: Reactor, pool: Pool, config: Callable[[], Config],
-                 rng: Optional[random.Random] = None) -> None:
+    def __init__(self, reactor: Reactor, pool: Union[Pool, Pools], config: Callable[[], Config],
+                 rng: Optional[random.Random] = None,
+                 health_of: Optional[Callable[[Backend], Optional[HealthConfig]]] = None) -> None:
         self.reactor = reactor
         self.pool = pool
         # The running configuration (it changes on reload): [health], eject_after, slow_start.
         self.config = config
+        # The health section probing a backend (its pool's [health NAME], or [health]; None: none).
+        self.health_of: Callable[[Backend], Optional[HealthConfig]] = (
+            health_of if health_of is not None else lambda b: self.config().health)
         self.rng = rng if rng is not None else random.Random()
-        # The [health] section the probes run with (None: no active checks).
-        self.hcfg: Optional[HealthConfig] = None
         self.probes: Dict[Backend, _Probe] = {}
         self.running = False
         # Passive ejections in progress: their return timers and when they began.
@@ -316,7 +319,6 @@ class Health:
     def start(self) -> None:
         """Begin probing (if [health] is configured)."""
         self.running = True
-        self.hcfg = self.config().health
         backends = [b for b in self.pool.backends if not b.draining]
         self._known = dict.fromkeys(backends)
         for b in backends:
@@ -354,21 +356,19 @@ class Health:
             self._ejected_at.pop(b, None)
         for b in [b for b in self.ramping if b not in kept]:
             del self.ramping[b]
-        # A changed [health] section applies to every backend, from a fresh first probe.
-        new_hcfg = config.health
-        if new_hcfg != self.hcfg:
-            for probe in self.probes.values():
-                probe.close()
-            self.probes.clear()
-            self.hcfg = new_hcfg
-            if new_hcfg is None:
+        # A changed health section applies to its backends, from a fresh first probe.
+        for b in current:
+            cfg = self.health_of(b)
+            probe = self.probes.get(b)
+            if probe is not None and probe.cfg != cfg:
+                self.probes.pop(b).close()
+            if cfg is None:
                 # Without active checks nothing would ever bring a backend marked down back.
-                for b in current:
-                    b.reset_probes()
-                    if not b.up:
-                        b.mark_up(self.now)
-                        log.info("backend %s is UP again: health checks are off", b.name)
-                        self._start_ramp(b)
+                b.reset_probes()
+                if not b.up:
+                    b.mark_up(self.now)
+                    log.info("backend %s is UP again: health checks are off", b.name)
+                    self._start_ramp(b)
         for b in current:
             if b not in self._known and b.up and not b.ejected_until:
                 # Added by this reload: slow start from its creation (its up_since).
@@ -395,18 +395,17 @@ class Health:
 
     # ---- active probes ------------------------------------------------------------------------------
     def _add_probe(self, backend: Backend) -> None:
-        cfg = self.hcfg
+        cfg = self.health_of(backend)
         if cfg is None or backend in self.probes:
             return
-        probe = _Probe(self, backend)
+        probe = _Probe(self, backend, cfg)
         self.probes[backend] = probe
         # The first probe at a random point of the first interval (HAProxy spreads its first checks).
         probe.schedule(self.now + self.rng.uniform(0.0, cfg.interval))
 
     def _probe_result(self, probe: _Probe, ok: bool, why: str) -> None:
         backend = probe.backend
-        cfg = self.hcfg
-        assert cfg is not None
+        cfg = probe.cfg
         if ok:
             backend.probe_passed(self.now)
             if (backend.ejected_until and self.config().eject_after
@@ -445,7 +444,7 @@ class Health:
         if (not after or backend.consecutive_errors < after or backend.ejected_until
                 or backend.draining or not self.running):
             return
-        if backend.eligible and not self._may_eject():
+        if backend.eligible and not self._may_eject(backend):
             if backend.consecutive_errors == after:
                 log.warning("backend %s: %d consecutive failures (last: %s), but not ejected: that would "
                             "leave fewer than half of the backends in service", backend.name, after, kind)
@@ -457,14 +456,16 @@ class Health:
         # It served a request after coming back: the next ejection starts from the base cooldown.
         backend.live_success()
 
-    def _may_eject(self) -> bool:
-        """Would ejecting one more eligible backend keep at least half of the backends (rounded up, at
-        least one) eligible? Envoy's ``max_ejection_percent`` idea (here 50%): when many backends fail
+    def _may_eject(self, backend: Backend) -> bool:
+        """Would ejecting one more eligible backend of ``backend``'s pool keep at least half of its
+        backends (rounded up, at least one) eligible? Envoy's ``max_ejection_percent`` idea (here 50%):
+        when many backends fail
         at once the cause is more likely shared (a database, the network) than the backends, and
         ejecting them all would only turn errors into 503s. Runs only when a backend reaches the
         ejection threshold, never per request."""
         total = eligible = 0
-        for b in self.pool.backends:
+        owner = backend.owner
+        for b in (owner.backends if owner is not None else self.pool.backends):
             if not b.draining:
                 total += 1
                 if b.eligible:

@@ -21,14 +21,15 @@ import json
 import math
 import os
 from itertools import zip_longest
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
 
 from . import __version__
-from .pool import LATENCY_BUCKETS
+from .pool import LATENCY_BUCKETS, Pool, Pools
 
 if TYPE_CHECKING:
     from .config import Config
-    from .pool import Backend, Pool
+    from .pool import Backend
+    from .routing import RouteTable
 
 __all__ = [
     "CONTENT_TYPE", "STATUS_CONTENT_TYPE", "Snapshot", "escape_label_value", "format_value", "merge",
@@ -121,10 +122,12 @@ class Counters(Protocol):
     def responses(self) -> Dict[int, int]: ...
 
 
-def snapshot(pool: Pool, config: Config, counters: Counters, start_time: Optional[float] = None) -> Snapshot:
+def snapshot(pool: Union[Pool, Pools], config: Config, counters: Counters, start_time: Optional[float] = None,
+             router: Optional[RouteTable] = None) -> Snapshot:
     """The counters and state of one balancer process as plain data. ``start_time`` (Unix seconds) is
     reported as ``balrs_start_time_seconds``, from which dashboards derive uptime."""
     srv = counters
+    pools: Sequence[Pool] = pool.order if isinstance(pool, Pools) else [pool]
     return {
         "version": __version__,
         "pid": os.getpid(),
@@ -142,12 +145,17 @@ def snapshot(pool: Pool, config: Config, counters: Counters, start_time: Optiona
         # Backends a reload removed are listed (state "drain") while they still have requests in flight.
         "backends": [_backend_snapshot(b) for b in pool.backends]
         + [_backend_snapshot(b) for b in pool.retired if b.active],
+        "pools": [{"name": p.name, "strategy": p.strategy_name, "backends": [b.name for b in p.backends],
+                   "backup": p.backup.name if p.backup is not None else None, "queue_length": p.queued}
+                  for p in pools],
+        "routes": [{"name": r.name, "requests": r.requests} for r in router.routes] if router is not None else [],
     }
 
 
 def _backend_snapshot(b: Backend) -> Dict[str, Any]:
     return {
         "name": b.name,
+        "pool": b.pool,
         "address": b.address,
         "state": b.state,
         "weight": b.weight,
@@ -214,7 +222,18 @@ def merge(snapshots: Sequence[Snapshot], pid: int, start_time: Optional[float], 
         "queue_length": sum(s["queue_length"] for s in snapshots),
         "responses": {str(code): n for code, n in sorted(responses.items())},
         "backends": [_merge_backend(views) for views in parts.values()],
+        "pools": first.get("pools", []),
+        "routes": _merge_routes(snapshots),
     }
+
+
+def _merge_routes(snapshots: Sequence[Snapshot]) -> List[Dict[str, Any]]:
+    """Route request counts summed by name, in the first worker's order (then any others')."""
+    counts: Dict[str, int] = {}
+    for s in snapshots:
+        for r in s.get("routes", []):
+            counts[r["name"]] = counts.get(r["name"], 0) + r["requests"]
+    return [{"name": name, "requests": n} for name, n in counts.items()]
 
 
 def _merge_backend(views: List[Tuple[int, Dict[str, Any]]]) -> Dict[str, Any]:
@@ -235,6 +254,7 @@ def _merge_backend(views: List[Tuple[int, Dict[str, Any]]]) -> Dict[str, Any]:
                          else sum(v for v, _w in measured) / len(measured))
     return {
         "name": first["name"],
+        "pool": first.get("pool", "default"),
         "address": first["address"],
         "state": state,
         "weight": first["weight"],
@@ -307,7 +327,11 @@ def metrics_text(snap: Snapshot) -> str:
 
     # ---- per backend ----
     w.family("balrs_backend_info", "gauge", "A backend's address (always 1).",
-             [("balrs_backend_info", (("backend", b["name"]), ("address", b["address"])), 1) for b in backends])
+             [("balrs_backend_info", (("backend", b["name"]), ("pool", b.get("pool", "default")),
+                                      ("address", b["address"])), 1) for b in backends])
+    w.family("balrs_route_requests_total", "counter", "Requests a route matched.",
+             [("balrs_route_requests_total", (("route", r["name"]),), r["requests"])
+              for r in snap.get("routes", [])])
     w.family("balrs_backend_up", "gauge",
              "1 if the backend is in rotation (healthy, not ejected, not draining), else 0"
              + ("; with workers, in a majority of them." if merged else "."),
@@ -400,6 +424,8 @@ def status_of(snap: Snapshot) -> Dict[str, Any]:
         "queue_length": snap["queue_length"],
         "responses": dict(snap["responses"]),
         "backends": [_backend_status(b, health) for b in snap["backends"]],
+        "pools": [dict(p) for p in snap.get("pools", [])],
+        "routes": [dict(r) for r in snap.get("routes", [])],
     })
     return doc
 
@@ -416,6 +442,7 @@ def _backend_status(b: Dict[str, Any], health_checks: bool) -> Dict[str, Any]:
         "active": b["active"],
         "requests": b["requests"],
         "failures": b["failures"],
+        "pool": b.get("pool", "default"),
         "effective_weight": b["effective_weight"],
         "max_connections": b["max_connections"],
         "response_time_ms": round(rt * 1000.0, 3) if rt is not None else None,

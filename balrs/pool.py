@@ -18,15 +18,16 @@ import socket
 from bisect import bisect_left
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Collection, Deque, List, Optional, Protocol, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Collection, Deque, Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
-from .config import BackendConfig
+from .config import (DEFAULT_POOL, DEFAULT_QUEUE_TIMEOUT, DEFAULT_RETRIES, BackendConfig, Config, HealthConfig,
+                     PoolConfig)
 from .connpool import IdlePool
 
 if TYPE_CHECKING:
     from .http.heads import RequestHead
 
-__all__ = ["Backend", "Pool", "Waiter", "Ticket", "Chooser", "StrategyFactory", "resolve", "LATENCY_BUCKETS"]
+__all__ = ["Backend", "Pool", "Pools", "Waiter", "Ticket", "Chooser", "StrategyFactory", "resolve", "LATENCY_BUCKETS"]
 
 log = logging.getLogger("balrs")
 
@@ -71,7 +72,7 @@ class Backend:
         "active", "requests", "failures", "responses", "latency", "latency_sum",
         "up", "health_successes", "health_failures", "transitions", "last_check", "last_check_ok",
         "ejected_until", "ejections", "consecutive_errors", "up_since", "draining",
-        "ewma", "ewma_at", "idle",
+        "ewma", "ewma_at", "idle", "pool", "owner",
     )
 
     def __init__(self, config: BackendConfig, now: float = 0.0, resolve_now: bool = True) -> None:
@@ -117,6 +118,9 @@ class Backend:
         self.ewma_at = 0.0
         # Idle keep-alive connections.
         self.idle = IdlePool(self.name)
+        # The pool it belongs to (by name, and the object, set by Pools): whose queue a freed slot wakes.
+        self.pool = config.pool
+        self.owner: Optional[Pool] = None
 
     def resolve(self) -> bool:
         """Resolve the address now (blocking). Returns True on success."""
@@ -188,8 +192,9 @@ class Backend:
         self.failures += 1
 
     def apply_config(self, config: BackendConfig) -> None:
-        """A reload kept this backend (same name and address): take its new weight and limits."""
+        """A reload kept this backend (same name and address): take its new weight, limits and pool."""
         self.config = config
+        self.pool = config.pool
         self.weight = config.weight
         self.eff_weight = config.weight
         self.max_connections = config.max_connections
@@ -332,12 +337,17 @@ class Pool:
     def __init__(self, configs: Sequence[BackendConfig], strategy: str, hash_key: str = "client_ip",
                  clock: Callable[[], float] = time.monotonic,
                  call_soon: Callable[[Callable[[], object]], None] = _run_now, *,
-                 make_strategy: StrategyFactory) -> None:
+                 make_strategy: StrategyFactory, name: str = DEFAULT_POOL,
+                 backends: Optional[List[Backend]] = None) -> None:
+        self.name = name
         self.clock = clock
         self.make_strategy = make_strategy
         self.call_soon = call_soon
         now = clock()
-        self.backends: List[Backend] = [Backend(c, now) for c in configs]
+        self.backends: List[Backend] = (list(backends) if backends is not None
+                                        else [Backend(c, now) for c in configs])
+        for b in self.backends:
+            b.owner = self
         self.strategy_name = strategy
         self.hash_key = hash_key
         self.strategy: Chooser = make_strategy(strategy, self.eligible(), hash_key, clock)
@@ -349,6 +359,28 @@ class Pool:
         self.limited = any(b.max_connections for b in self.backends)
         # Backends a reload removed while they still had requests in flight (reported as "drain").
         self.retired: List[Backend] = []
+        # Pool policy ([pool NAME] over [balancer]; Pools sets them), and the pool used while none of
+        # this one's backends is eligible.
+        self.retries = DEFAULT_RETRIES
+        self.queue_timeout = DEFAULT_QUEUE_TIMEOUT
+        self.backup: Optional[Pool] = None
+        self.health = ""  # the [health NAME] section probing it ("": [health])
+
+    def set_backends(self, backends: List[Backend], strategy: str, hash_key: str) -> None:
+        """A reload gave this pool these backends (kept ones keep their state): tell the strategy."""
+        self.backends = list(backends)
+        for b in backends:
+            b.owner = self
+        self.limited = any(b.max_connections for b in backends)
+        if strategy != self.strategy_name or hash_key != self.hash_key:
+            self.strategy_name = strategy
+            self.hash_key = hash_key
+            self.strategy = self.make_strategy(strategy, self.eligible(), hash_key, self.clock)
+        else:
+            self.refresh()
+
+    def has_eligible(self) -> bool:
+        return bool(self.strategy.backends)
 
     def reload(self, configs: Sequence[BackendConfig], strategy: str, hash_key: str,
                resolve_now: Callable[[BackendConfig], bool]) -> Tuple[List[Backend], List[Backend]]:
@@ -456,3 +488,146 @@ class Pool:
                 self.queued += 1
                 queue.appendleft(ticket)
                 break
+
+
+def _pool_configs(config: Config) -> List[PoolConfig]:
+    """The pools of ``config``: its [pool] sections and implicit ones (named by a backend's ``pool``),
+    whether or not the parser listed the implicit ones (a Config built in code may not)."""
+    out = list(config.pools)
+    names = {p.name for p in out}
+    for c in config.backends:
+        if c.pool not in names:
+            names.add(c.pool)
+            out.append(PoolConfig(c.pool))
+    return out
+
+
+class Pools:
+    """Every pool of a balancer, by name, over one list of backends (names are unique across pools).
+    A reload matches backends by name and address across all pools (a backend may change pool and
+    keep its state), keeps a pool's object (and its queue) by name, and builds new ones."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 call_soon: Callable[[Callable[[], object]], None] = _run_now, *,
+                 make_strategy: StrategyFactory) -> None:
+        self.clock = clock
+        self.call_soon = call_soon
+        self.make_strategy = make_strategy
+        now = clock()
+        self.backends: List[Backend] = [Backend(c, now) for c in config.backends]
+        self.named: Dict[str, Pool] = {}
+        self.order: List[Pool] = []
+        self.default: Optional[Pool] = None
+        self.retired: List[Backend] = []
+        self.config = config
+        self._assign(config)
+
+    def _assign(self, config: Config) -> None:
+        self.config = config
+        members: Dict[str, List[Backend]] = {}
+        configs = _pool_configs(config)
+        for pc in configs:
+            members[pc.name] = []
+        for b in self.backends:
+            members[b.pool].append(b)
+        by_name: Dict[str, Pool] = {}
+        for pc in configs:
+            strategy = pc.strategy if pc.strategy is not None else config.strategy
+            hash_key = pc.hash_key if pc.hash_key is not None else config.hash_key
+            pool = self.named.get(pc.name)
+            if pool is None:
+                pool = Pool((), strategy, hash_key, self.clock, self.call_soon,
+                            make_strategy=self.make_strategy, name=pc.name, backends=members[pc.name])
+            else:
+                pool.set_backends(members[pc.name], strategy, hash_key)
+            pool.retries = pc.retries if pc.retries is not None else config.retries
+            pool.queue_timeout = pc.queue_timeout if pc.queue_timeout is not None else config.queue_timeout
+            pool.health = pc.health
+            by_name[pc.name] = pool
+        for pc in configs:
+            by_name[pc.name].backup = by_name.get(pc.backup) if pc.backup else None
+        for name, pool in self.named.items():
+            if name not in by_name:
+                # A removed pool: no backends; its waiting requests try again and time out.
+                pool.set_backends([], pool.strategy_name, pool.hash_key)
+                pool.backup = None
+                pool.wake()
+        self.named = by_name
+        self.order = [by_name[pc.name] for pc in configs]
+        self.default = by_name.get(DEFAULT_POOL)
+
+    def reload(self, config: Config,
+               resolve_now: Callable[[BackendConfig], bool]) -> Tuple[List[Backend], List[Backend]]:
+        """Adopt ``config``'s pools and backends. A backend whose name and address are unchanged keeps
+        its object, so its health state and counters carry over; a new one starts fresh (resolved now
+        only if ``resolve_now(config)``: host names go to the resolver thread); a removed one drains.
+        Returns (added, removed)."""
+        now = self.clock()
+        old = {(b.name, str(b.config.address)): b for b in self.backends}
+        backends: List[Backend] = []
+        added: List[Backend] = []
+        for c in config.backends:
+            b = old.pop((c.name, str(c.address)), None)
+            if b is None:
+                b = Backend(c, now, resolve_now(c))
+                added.append(b)
+            else:
+                b.apply_config(c)
+            backends.append(b)
+        removed = list(old.values())
+        for b in removed:
+            b.retire()
+        self.retired = [b for b in self.retired + removed if b.active]
+        self.backends = backends
+        self._assign(config)
+        return added, removed
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a backend slot, in every pool."""
+        return sum(pool.queued for pool in self.order)
+
+    @property
+    def strategy_name(self) -> str:
+        """The default pool's strategy (the balancer's, when there is no default pool)."""
+        pool = self.default
+        return pool.strategy_name if pool is not None else self.config.strategy
+
+    def refresh(self) -> None:
+        """Health, weights or membership changed: every pool tells its strategy."""
+        for pool in self.order:
+            pool.refresh()
+
+    def wake(self) -> None:
+        for pool in self.order:
+            pool.wake()
+
+    @property
+    def strategy(self) -> Chooser:
+        """The default pool's strategy (the first pool's when there is no default pool)."""
+        pool = self.default if self.default is not None else self.order[0]
+        return pool.strategy
+
+    def by_name(self, name: str) -> Optional[Backend]:
+        """The backend of that name, in any pool."""
+        return self.by_backend(name)
+
+    def by_backend(self, name: str) -> Optional[Backend]:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        return None
+
+    def health_of(self, backend: Backend, config: Optional[Config] = None) -> Optional[HealthConfig]:
+        """The health-check settings probing ``backend`` (its pool's [health NAME], else [health]) in
+        ``config`` (default: the one the pools were built from)."""
+        if config is None:
+            config = self.config
+        pool = self.named.get(backend.pool)
+        name = pool.health if pool is not None else ""
+        if not name:
+            return config.health
+        for n, h in config.healths:
+            if n == name:
+                return h
+        return config.health

@@ -12,12 +12,12 @@ import functools
 import ipaddress
 import logging
 import threading
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 from .pool import resolve
 
 if TYPE_CHECKING:
-    from .pool import Backend, Pool, SockAddr
+    from .pool import Backend, Pool, Pools, SockAddr
     from .reactor import Reactor
 
 __all__ = ["Resolver", "is_ip_literal"]
@@ -36,7 +36,7 @@ def is_ip_literal(host: str) -> bool:
 class Resolver:
     """The resolver thread of one balancer."""
 
-    def __init__(self, reactor: Reactor, pool: Pool, interval: Callable[[], float]) -> None:
+    def __init__(self, reactor: Reactor, pool: Union[Pool, Pools], interval: Callable[[], float]) -> None:
         self.reactor = reactor
         self.pool = pool
         # resolve_interval of the running configuration (it changes on reload).

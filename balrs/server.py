@@ -22,7 +22,8 @@ from .health import Health
 from .listener import Listener
 from .metrics import Snapshot, snapshot as metrics_snapshot
 from .resolver import Resolver, is_ip_literal
-from .pool import Pool
+from .pool import Pools
+from .routing import RouteTable
 from .proxy import ClientConn, ProxyContext
 from .reactor import Reactor
 from .settings import Settings
@@ -58,8 +59,8 @@ class Balancer:
         self.serve_admin = serve_admin
         self.settings = Settings.from_config(config)
         reactor = self.reactor
-        self.pool = Pool(config.backends, config.strategy, config.hash_key, reactor.clock, reactor.call_soon,
-                         make_strategy=make_strategy)
+        self.pool = Pools(config, reactor.clock, reactor.call_soon, make_strategy=make_strategy)
+        self.router: Optional[RouteTable] = RouteTable(config.routes) if config.routes else None
         self.clients: Dict[ClientConn, None] = {}
         self.listener = Listener(reactor, "accept", self._new_client, ACCEPT_BATCH, ACCEPT_BACKOFF,
                                  reuse_port, lambda: len(self.clients) < self.settings.max_connections)
@@ -67,9 +68,10 @@ class Balancer:
         self.exit_code = 0
         self._drain_timer: Optional[Timer] = None
         self.accepted = 0
-        self.health = Health(reactor, self.pool, lambda: self.config)
+        self.health = Health(reactor, self.pool, lambda: self.config,
+                             health_of=lambda b: self.pool.health_of(b, self.config))
         self.resolver = Resolver(reactor, self.pool, lambda: self.config.resolve_interval)
-        self.ctx = ProxyContext(reactor, self.settings, self.pool, self.health, self.client_closed)
+        self.ctx = ProxyContext(reactor, self.settings, self.pool, self.health, self.client_closed, self.router)
         self.access_log: Optional[LogSink] = None
         self._log_dropped = 0  # lines dropped by sinks a reload replaced
         self._apply_log(config.log, self._open_log(config.log))
@@ -90,7 +92,7 @@ class Balancer:
         """This balancer's counters and state as plain data (``metrics.snapshot``); what the admin
         endpoint reports, and what a worker sends its supervisor."""
         return metrics_snapshot(self.pool, self.config, self,
-                                self.admin.start_time if self.admin is not None else None)
+                                self.admin.start_time if self.admin is not None else None, self.router)
 
     # ---- counters (metrics.Counters) ---------------------------------------------------------------
     @property
@@ -142,6 +144,19 @@ class Balancer:
         if self.access_log is not None:
             log.info("SIGUSR1: reopening the access log")
             self.access_log.reopen()
+
+    def log_routes(self) -> None:
+        """The startup (and reload) log of routes -> pools, and of each pool's members."""
+        pools = self.pool
+        if len(pools.order) > 1 or self.router is not None:
+            for pool in pools.order:
+                log.info("pool %s: %s; strategy %s%s", pool.name,
+                         ", ".join(b.name for b in pool.backends) or "no backends", pool.strategy_name,
+                         "; backup %s" % pool.backup.name if pool.backup is not None else "")
+        if self.router is not None:
+            for route in self.router.routes:
+                log.info("route %s -> %s", route.name, route.describe())
+            log.info("no route matches -> %s", "pool default" if pools.default is not None else "404")
 
     # ---- listening -------------------------------------------------------------------------------
     @property
@@ -223,8 +238,10 @@ class Balancer:
         self.config = config
         self.settings = self.ctx.settings = Settings.from_config(config)
         self._apply_log(config.log, sink)
-        added, removed = self.pool.reload(
-            config.backends, config.strategy, config.hash_key, lambda c: is_ip_literal(c.address.host))
+        added, removed = self.pool.reload(config, lambda c: is_ip_literal(c.address.host))
+        self.router = RouteTable(config.routes, self.router) if config.routes else None
+        self.ctx.router = self.router
+        self.ctx.default_pool = self.pool.default
         for b in removed:
             b.idle.close_all()
         self.health.reload()
@@ -245,6 +262,7 @@ class Balancer:
         log.info("reloaded: %d backend(s)%s%s; strategy %s", len(self.pool.backends),
                  "; added %s" % ", ".join(b.name for b in added) if added else "",
                  "; removed %s" % ", ".join(b.name for b in removed) if removed else "", config.strategy)
+        self.log_routes()
 
     def _on_stop_signal(self, signum: int) -> None:
         if self.draining:
@@ -257,6 +275,7 @@ class Balancer:
 
     def start(self) -> None:
         """Start what runs beside the proxy: health probes, the resolver thread, the admin endpoint."""
+        self.log_routes()
         self.health.start()
         self.resolver.start()
         if self.admin is not None:

@@ -300,7 +300,8 @@ STATUS_BACKEND_KEYS = ("name", "address", "state", "weight", "active", "requests
 
 def _fake_balancer(backends: Sequence[Backend], responses: Dict[int, int], health: bool = False) -> Any:
     return SimpleNamespace(
-        pool=SimpleNamespace(backends=list(backends), strategy_name="round_robin", queued=2, retired=[]),
+        pool=SimpleNamespace(backends=list(backends), strategy_name="round_robin", queued=2, retired=[],
+                             name="default", backup=None),
         client_connections=3,
         log_dropped=0,
         accepted=17,

@@ -131,6 +131,7 @@ def test_minimal_config_gets_every_default() -> None:
         path="lb.ini",
         listen=(Address("127.0.0.1", 8080),),
         backends=(C.BackendConfig("b1", Address("127.0.0.1", 9001), line=4),),
+        pools=(C.PoolConfig("default"),),
     )
     assert cfg.health is None and cfg.admin is None
 
@@ -146,7 +147,7 @@ def test_objects_are_frozen() -> None:
 @pytest.mark.parametrize(
     "table, cls, skip",
     [
-        (C._BALANCER_KEYS, C.Config, {"path", "health", "backends", "admin", "log"}),
+        (C._BALANCER_KEYS, C.Config, {"path", "health", "backends", "admin", "log", "pools", "healths", "routes"}),
         (C._HEALTH_KEYS, C.HealthConfig, set()),
         (C._BACKEND_KEYS, C.BackendConfig, {"name", "line"}),
         (C._ADMIN_KEYS, C.AdminConfig, set()),

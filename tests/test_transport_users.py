@@ -399,6 +399,7 @@ class StubHealth:
                  expect: Any = (200, 399)) -> None:
         self.reactor = reactor
         self.hcfg = SimpleNamespace(path=path, timeout=timeout, interval=1000.0, expect=expect, rise=1, fall=1)
+        self.health_of = lambda backend: self.hcfg
         self.probes: Dict[Any, _Probe] = {}
         self.results: List[Tuple[bool, str]] = []
 

@@ -7,12 +7,12 @@ its empty line; only a head that needs fields removed is rebuilt from its parsed
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import AbstractSet, Collection, Dict, List, Optional, Tuple
 
 from .heads import CHUNKED, CLOSE_DELIMITED, LENGTH, RequestHead, ResponseHead
 
 __all__ = [
-    "REASONS", "VIA", "error_response", "upstream_request_head", "client_response_head",
+    "REASONS", "VIA", "edit_head", "error_response", "upstream_request_head", "client_response_head",
     "forwarded_suffix",
 ]
 
@@ -62,25 +62,27 @@ def forwarded_suffix(client_ip: bytes) -> bytes:
 
 
 def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, default_host: bytes,
-                          extra: bytes = b"", remove: Optional[bytes] = None) -> bytes:
+                          extra: bytes = b"", remove: Optional[Collection[bytes]] = None,
+                          target: Optional[bytes] = None) -> bytes:
     """The request head sent to a backend: HTTP/1.1, hop-by-hop fields removed, X-Forwarded-For appended
     to, X-Forwarded-Proto/Host replaced, Via appended to, Upgrade kept only when tunnelling. ``extra``
-    (complete field lines, such as a request id) is appended; the field named ``remove`` (lowercase)
-    is dropped (an invalid request id the new one replaces)."""
+    (complete field lines, such as a request id or a route's set fields) is appended; the fields named
+    in ``remove`` (lowercase) are dropped (an invalid request id the new one replaces, a route's
+    removed or replaced fields); ``target`` replaces the request target (a route's path rewrite)."""
     host = req.host
-    if not req.rewrite and host is not None and remove is None:
+    if not req.rewrite and host is not None and remove is None and target is None:
         # Fast path: an HTTP/1.1 head with nothing to remove or merge.
         return b"%sX-Forwarded-Host: %s\r\n%s%s\r\n" % (req.raw[:-2], host, suffix, extra)
 
     drop = _REQUEST_DROP
     if remove is not None:
-        drop = drop.union((remove,))
+        drop = drop.union(remove)
     if req.connection_tokens:
         drop = drop.union(req.connection_tokens).difference(_REQUEST_KEEP)
     if req.absolute:
         # RFC 9112 §3.2.2: the target's authority replaces any Host field (the target goes in origin-form).
         drop = drop.union((b"host",))
-    out: List[bytes] = [b"%s %s HTTP/1.1\r\n" % (req.method, req.target)]
+    out: List[bytes] = [b"%s %s HTTP/1.1\r\n" % (req.method, req.target if target is None else target)]
     if req.absolute and host is not None:
         out.append(b"Host: %s\r\n" % host)
     xff: List[bytes] = []
@@ -119,6 +121,22 @@ def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, def
     via.append(VIA)
     out.append(b"Via: %s\r\n%s\r\n" % (b", ".join(via), extra))
     return b"".join(out)
+
+
+def edit_head(head: bytes, remove: AbstractSet[bytes], extra: bytes) -> bytes:
+    """A complete head without its fields named in ``remove`` (lowercase), with ``extra`` (complete
+    field lines) added before its empty line: a route's response-field edits."""
+    if remove:
+        lines = head[:-4].split(b"\r\n")
+        kept = [lines[0]]
+        for line in lines[1:]:
+            colon = line.find(b":")
+            if line[:colon].lower() not in remove:
+                kept.append(line)
+        head = b"\r\n".join(kept) + b"\r\n\r\n"
+    if extra:
+        head = head[:-2] + extra + b"\r\n"
+    return head
 
 
 def client_response_head(resp: ResponseHead, framing: int, close: bool, client_minor: int,

@@ -19,16 +19,18 @@ import time
 from typing import TYPE_CHECKING, Deque, List, Optional, Tuple, Union
 
 from ..accesslog import valid_request_id
-from ..http.build import client_response_head, error_response, forwarded_suffix, upstream_request_head
+from ..http.build import client_response_head, edit_head, error_response, forwarded_suffix, upstream_request_head
 from ..http.chunked import ChunkedDecoder
 from ..http.errors import ProtocolError
 from ..http.framing import BodyRelay, client_framing
 from ..http.heads import CHUNKED, LENGTH, NO_BODY, HeadBuffer, RequestHead, ResponseHead, parse_request_head
+from ..http.paths import normalise_target
+from ..routing import ACT_POOL, ACT_REDIRECT, Route, match_host
 from ..settings import CLIENT_RECV_SIZE
 from ..transport import Chunk, Protocol, Transport
 from .exchange import (
     END_BACKEND_ERROR, END_BACKEND_TIMEOUT, END_CLIENT_ABORT, END_CLIENT_TIMEOUT, END_INTERNAL,
-    END_NO_BACKEND, END_OK, END_QUEUE_TIMEOUT, END_REJECTED, END_SHUTDOWN, END_TUNNEL, F_CONNECT_REFUSED,
+    END_NO_BACKEND, END_NO_ROUTE, END_OK, END_QUEUE_TIMEOUT, END_REJECTED, END_SHUTDOWN, END_TUNNEL, F_CONNECT_REFUSED,
     F_CONNECT_TIMEOUT, F_INTERNAL, F_STALE, F_TIMEOUT, Attempts, Exchange, ProxyContext,
 )
 from .upstream import UpstreamConn
@@ -252,6 +254,15 @@ class ClientConn(Protocol):
                 raise ProtocolError(501, "CONNECT is not supported")
             if req.framing == LENGTH and settings.max_body_bytes and req.length > settings.max_body_bytes:
                 raise ProtocolError(413, "Content-Length %d over max_body_bytes" % req.length)
+            target = req.target
+            if target[0] == 47:  # origin-form: RFC 3986 §6.2.2 normalisation, for routing and upstream
+                path, match_path, query = normalise_target(target)
+                if path is not target and path + query != target:
+                    req.target = path + query
+                    req.rewrite = True
+            else:
+                path = match_path = target
+                query = b""
         except ProtocolError as exc:
             self.ex = self._refused_exchange(head)
             self._reject(exc)
@@ -273,16 +284,73 @@ class ClientConn(Protocol):
             self.body = (BodyRelay(CHUNKED, CHUNKED, 0,
                                    ChunkedDecoder(settings.max_body_bytes, settings.max_header_bytes, 400))
                          if req.framing == CHUNKED else BodyRelay(LENGTH, LENGTH, req.length))
-        pool = ctx.pool
+        router = ctx.router
+        if router is None:
+            pool = ctx.default_pool
+        else:
+            route = router.match(req, match_host(req.host), match_path, self.client_ip, b"http")
+            if route is None:
+                pool = ctx.default_pool
+            else:
+                route.requests += 1
+                ex.route_ref = route
+                if route.kind != ACT_POOL:
+                    self._local_answer(route, path, query)
+                    return
+                pool = ctx.pools.named[route.pool()]
+                if route.modifies_request:
+                    ex.fwd_target = route.forward_path(path) + query
+                if route.modifies_response:
+                    ex.edit = route
+        if pool is None:
+            # No route matched and there is no default pool.
+            self._reply_error(404, END_NO_ROUTE)
+            return
+        ex.pool_ref = pool
         backend = pool.choose(req, self.client_ip) if pool.limited else pool.strategy.choose(req, self.client_ip)
         if backend is None:
             if pool.all_full():
                 self._enqueue()
-            else:
+                return
+            backup = pool.backup
+            while backup is not None and backend is None:
+                # No backend of the pool is eligible: its backup pool serves meanwhile.
+                ex.pool_ref = backup
+                backend = backup.choose(req, self.client_ip)
+                if backend is None and backup.all_full():
+                    self._enqueue()
+                    return
+                backup = backup.backup if backup is not pool else None
+            if backend is None:
                 # No backend is up (health checks, ejections, or none configured).
                 self._reply_error(503, END_NO_BACKEND)
-            return
+                return
         self._dispatch(backend)
+
+    def _local_answer(self, route: Route, path: bytes, query: bytes) -> None:
+        """A route answers itself (``redirect`` or ``return``): nothing goes to a backend."""
+        ex = self.ex
+        assert ex is not None and ex.req is not None
+        req = ex.req
+        if not ex.request_done:
+            # Its body is not read: the connection cannot be reused (nginx closes too).
+            self.close_after = True
+        port = 0
+        if route.kind == ACT_REDIRECT:
+            try:
+                port = self.tr.sock.getsockname()[1]
+            except (OSError, IndexError):
+                port = 0
+        data = route.local_response(b"http", match_host(req.host), port, path, query, self.close_after,
+                                    req.method == b"HEAD")
+        if ex.request_id is not None:
+            data = self._with_request_id(data[:data.index(b"\r\n\r\n") + 4]) + data[data.index(b"\r\n\r\n") + 4:]
+        ex.resp_started = True
+        ex.status = route.status
+        self.write(data)
+        self.upstream = None
+        self._end(END_OK)
+        self._next_request()
 
     def _request_id(self, ex: Exchange, req: RequestHead) -> None:
         """Keep the client's request id if it is valid, else make one; it goes upstream and back."""
@@ -302,7 +370,9 @@ class ClientConn(Protocol):
         req = ex.req
         assert req is not None
         rid = ex.request_id
-        if rid is None:
+        if ex.route_ref is not None and (ex.fwd_target is not None or ex.edit is not None):
+            data = self._routed_head(ex, req, backend)
+        elif rid is None:
             data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
         else:
             settings = self.settings
@@ -316,7 +386,7 @@ class ClientConn(Protocol):
                 data = upstream_request_head(
                     req, self.client_ip_b, self.suffix, backend.host_header,
                     b"%s: %s\r\n" % (settings.request_id_field, rid),
-                    None if sent is None else settings.request_id)
+                    None if sent is None else (settings.request_id,))
         self.req_bytes = data
         up = backend.idle.take()
         if up is not None:
@@ -327,14 +397,30 @@ class ClientConn(Protocol):
         if self.state == C_BODY and self.inbuf.buf:
             self._body_data(self.inbuf.take())
 
+    def _routed_head(self, ex: Exchange, req: RequestHead, backend: Backend) -> bytes:
+        """The upstream head of a request whose route rewrites its path or its fields."""
+        route = ex.route_ref
+        assert route is not None
+        extra = route.request_extra
+        remove = route.request_remove
+        rid = ex.request_id
+        if rid is not None:
+            settings = self.settings
+            extra += b"%s: %s\r\n" % (settings.request_id_field, rid)
+            remove = remove.union((settings.request_id,))
+        return upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header, extra,
+                                     remove or None, ex.fwd_target)
+
     def _enqueue(self) -> None:
         """Every eligible backend is at max_connections: wait for a slot (FIFO), up to queue_timeout.
         Reading pauses meanwhile: a body stays in the kernel's buffers, not ours."""
         now = self.queued_at = self.ctx.reactor.now
         self._to(C_QUEUED)
-        self.ticket = self.ctx.pool.enqueue(self)
+        pool = self.ex.pool_ref if self.ex is not None else None
+        assert pool is not None
+        self.ticket = pool.enqueue(self)
         self.tr.pause_reading()
-        self.tr.arm(now + self.settings.queue_timeout)
+        self.tr.arm(now + pool.queue_timeout)
 
     def dequeue(self) -> bool:
         """Called by the pool when a backend slot may be free: take it if so. Returns False when this
@@ -342,7 +428,9 @@ class ClientConn(Protocol):
         ex = self.ex
         if self.state != C_QUEUED or ex is None or ex.req is None:
             return True
-        backend = self.ctx.pool.choose(ex.req, self.client_ip)
+        pool = ex.pool_ref
+        assert pool is not None
+        backend = pool.choose(ex.req, self.client_ip)
         if backend is None:
             return False
         self.queued_at = 0.0
@@ -364,7 +452,10 @@ class ClientConn(Protocol):
         if ticket is not None:
             self.ticket = None
             self.queued_at = 0.0
-            self.ctx.pool.leave_queue(ticket)
+            ex = self.ex
+            pool = ex.pool_ref if ex is not None else None
+            if pool is not None:
+                pool.leave_queue(ticket)
 
     def _send_to(self, backend: Backend, pending: Union[bytes, Deque[Chunk]], nbytes: int, fresh: bool) -> None:
         """Hand the request (its bytes so far) to a connection to ``backend``: a new one if ``fresh``,
@@ -462,6 +553,9 @@ class ClientConn(Protocol):
         ex.resp_started = True
         ex.status = resp.status
         head = client_response_head(resp, framing, self.close_after, minor)
+        edit = ex.edit
+        if edit is not None:
+            head = edit_head(head, edit.response_remove, edit.response_extra)
         if ex.request_id is not None:
             head = self._with_request_id(head)
         return head, framing
@@ -570,8 +664,10 @@ class ClientConn(Protocol):
             tried.append(backend)
             if why == F_CONNECT_TIMEOUT:
                 failed.timeouts += 1
-            if len(tried) <= self.settings.retries:
-                other = self.ctx.pool.choose(req, self.client_ip, tried)
+            pool = ex.pool_ref
+            assert pool is not None
+            if len(tried) <= pool.retries:
+                other = pool.choose(req, self.client_ip, tried)
                 if other is not None and pending is not None:
                     log.info("connect to %s failed, retrying on %s", backend.name, other.name)
                     failed.retries += 1
@@ -705,7 +801,9 @@ class ClientConn(Protocol):
                 self._write_error(408, END_CLIENT_TIMEOUT)
                 return
         elif state == C_QUEUED:
-            deadline = self.queued_at + settings.queue_timeout
+            qex = self.ex
+            pool = qex.pool_ref if qex is not None else None
+            deadline = self.queued_at + (pool.queue_timeout if pool is not None else settings.queue_timeout)
             if now >= deadline:
                 # HAProxy answers 503 when `timeout queue` expires.
                 self._leave_queue()

@@ -23,7 +23,8 @@ from ..http.heads import RequestHead, ResponseHead
 from ..transport import Chunk, Transport
 
 if TYPE_CHECKING:
-    from ..pool import Backend, Pool
+    from ..pool import Backend, Pool, Pools
+    from ..routing import Route, RouteTable
     from ..reactor import Reactor
     from ..settings import Settings
 
@@ -50,6 +51,7 @@ END_BACKEND_TIMEOUT = "backend-timeout"  # backend_timeout expired (504, or a tr
 END_BACKEND_ERROR = "backend-error"   # no backend could be connected, or it broke the response (502)
 END_REJECTED = "rejected"             # balrs refused the request (4xx/5xx of its own, never forwarded)
 END_NO_BACKEND = "no-backend"         # no backend is up (503)
+END_NO_ROUTE = "no-route"           # no route matched and there is no default pool (404)
 END_QUEUE_TIMEOUT = "queue-timeout"   # every backend stayed full for queue_timeout (503)
 END_INTERNAL = "internal-error"       # a bug in balrs (500)
 END_SHUTDOWN = "shutdown"             # the balancer stopped before the exchange finished
@@ -100,14 +102,18 @@ class Downstream(Protocol):
 class ProxyContext:
     """What the proxy's connections share in one process (see the module docstring)."""
 
-    __slots__ = ("reactor", "settings", "pool", "outliers", "status_counts", "draining", "client_closed",
-                 "log_line", "log_format", "request_ids")
+    __slots__ = ("reactor", "settings", "pools", "default_pool", "router", "outliers", "status_counts",
+                 "draining", "client_closed", "log_line", "log_format", "request_ids")
 
-    def __init__(self, reactor: Reactor, settings: Settings, pool: Pool, outliers: Outliers,
-                 client_closed: Callable[[object], None]) -> None:
+    def __init__(self, reactor: Reactor, settings: Settings, pools: Pools, outliers: Outliers,
+                 client_closed: Callable[[object], None], router: Optional[RouteTable] = None) -> None:
         self.reactor = reactor
         self.settings = settings
-        self.pool = pool
+        # The pools by name, the one a request no route matches goes to (None: such a request is
+        # answered 404), and the route table (None: no [route] sections). Replaced on reload.
+        self.pools = pools
+        self.default_pool: Optional[Pool] = pools.default
+        self.router = router
         self.outliers = outliers
         # Responses by status code, indexed directly (a status is always 100..999).
         self.status_counts: List[int] = [0] * 1000
@@ -160,7 +166,7 @@ class Exchange:
     __slots__ = (
         "req", "client", "pool_ref", "be", "slot", "failed", "status", "bytes_in", "bytes_out", "t_start",
         "t_connected", "t_response", "t_done", "wall_start", "end", "request_id", "request_done",
-        "resp_started", "refused_line",
+        "resp_started", "refused_line", "route_ref", "fwd_target", "edit",
     )
 
     t_done: float
@@ -187,16 +193,20 @@ class Exchange:
         # For a refused request whose head did not parse: its request line, if it has that shape
         # (method, target, minor), so the log shows what was refused (nginx logs it too).
         self.refused_line: Optional[Tuple[bytes, bytes, int]] = None
+        # The route that matched (None: none, or no routes), the target it forwards when it rewrites
+        # the path, and itself again when it edits the response head (kept apart for the hot path).
+        self.route_ref: Optional[Route] = None
+        self.fwd_target: Optional[bytes] = None
+        self.edit: Optional[Route] = None
 
     def __repr__(self) -> str:
         return "<Exchange %r status=%d end=%s>" % (self.req, self.status, self.end)
 
     # ---- the backend slot ----
-    def take(self, pool: Pool, backend: Backend) -> None:
+    def take(self, backend: Backend) -> None:
         """A connection to ``backend`` takes this request on: one in-flight request on it."""
         if self.slot:
             self.release()
-        self.pool_ref = pool
         self.be = backend
         self.slot = True
         backend.take_slot()
@@ -209,7 +219,8 @@ class Exchange:
             backend = self.be
             assert backend is not None
             if backend.release_slot():
-                pool = self.pool_ref
+                # A request waiting in its pool's queue may go now.
+                pool = backend.owner
                 if pool is not None:
                     pool.wake()
 
@@ -258,13 +269,19 @@ class Exchange:
 
     @property
     def route(self) -> Optional[str]:
-        """The route that matched (routing comes with the route table; until then: none)."""
-        return None
+        """The route that matched (None: none)."""
+        route = self.route_ref
+        return route.name if route is not None else None
 
     @property
     def backend(self) -> Optional[str]:
         return self.be.name if self.be is not None else None
 
     @property
-    def pool(self) -> str:
-        return "default"
+    def pool(self) -> Optional[str]:
+        """The pool of the backend that served (or of the request, before one did)."""
+        be = self.be
+        if be is not None:
+            return be.pool
+        pool = self.pool_ref
+        return pool.name if pool is not None else None

@@ -130,7 +130,7 @@ class UpstreamConn(Protocol):
         self.ex = ex
         self.down = down
         self.settings = down.settings
-        ex.take(self.ctx.pool, self.backend)
+        ex.take(self.backend)
         req = ex.req
         self.head_request = req is not None and req.method == b"HEAD"
         self.last_active = self.sent_at = self.ctx.reactor.now
@@ -141,7 +141,7 @@ class UpstreamConn(Protocol):
         self.ex = ex
         self.down = down
         self.settings = settings = down.settings
-        ex.take(self.ctx.pool, self.backend)
+        ex.take(self.backend)
         req = ex.req
         self.head_request = req is not None and req.method == b"HEAD"
         now = self.last_active = self.sent_at = ex.t_connected = self.ctx.reactor.now
@@ -282,7 +282,7 @@ class UpstreamConn(Protocol):
         if (resp.framing == LENGTH and not resp.rewrite and left >= 0 and ex.request_done
                 and not down.close_after and len(head) + len(rest) == len(data) and not self.ctx.draining):
             req = ex.req
-            if req is not None and req.minor == 1 and ex.request_id is None:
+            if req is not None and req.minor == 1 and ex.request_id is None and ex.edit is None:
                 # The common case, kept to a minimum of work: an HTTP/1.1 Content-Length response with
                 # nothing to rewrite, for a keep-alive HTTP/1.1 client. The head goes out as received,
                 # together with the body bytes of this read, in one send.
