@@ -109,7 +109,7 @@ def _read_response(sock: socket.socket) -> None:
 
 
 def run_once(checkout: Path, requests: int, connections: int, strategy: str, work: Path,
-             concurrent: bool = False, access_log: str = "") -> int:
+             concurrent: bool = False, access_log: str = "", routes: int = 0) -> int:
     """Total instructions of a balrs process that served ``requests`` requests."""
     backends = Backends(3)
     port = _free_port()
@@ -120,6 +120,13 @@ def run_once(checkout: Path, requests: int, connections: int, strategy: str, wor
         lines += ["[backend b%d]" % (i + 1), "address = 127.0.0.1:%d" % p, ""]
     if access_log:
         lines += ["[log]", "access = %s" % (work / "access.log"), "format = %s" % access_log, ""]
+    # Routes that the request (GET / with Host 127.0.0.1) does not match, by host and by path, then one
+    # that it does: the table has to rule out the others.
+    for i in range(routes - 1):
+        key = "host = svc%d.example.com" % i if i % 2 else "path_prefix = /svc%d/" % i
+        lines += ["[route r%d]" % i, key, "pool = default", ""]
+    if routes:
+        lines += ["[route all]", "path_prefix = /", "pool = default", ""]
     ini.write_text("\n".join(lines))
     out = work / ("callgrind.%d.out" % requests)
     env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=str(checkout))
@@ -183,6 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="one request in flight on every connection at once (like wrk), not one at a time")
     p.add_argument("--access-log", choices=["common", "combined", "json"], default="",
                    help="with [log] access = a file in this format")
+    p.add_argument("--routes", type=int, default=0,
+                   help="with N [route] sections; the request matches the last one")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         sys.stderr.write("valgrind is not installed (apt-get install valgrind)\n")
@@ -190,13 +199,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="balrs-callgrind-") as tmp:
         work = Path(tmp)
         a = run_once(args.checkout.resolve(), args.requests, args.connections, args.strategy, work, args.concurrent,
-                     args.access_log)
+                     args.access_log, args.routes)
         b = run_once(args.checkout.resolve(), 2 * args.requests, args.connections, args.strategy, work,
-                     args.concurrent, args.access_log)
-    print("%s: %d instructions per request (%s, %d connections%s%s; totals %d and %d)"
+                     args.concurrent, args.access_log, args.routes)
+    print("%s: %d instructions per request (%s, %d connections%s%s%s; totals %d and %d)"
           % (args.checkout, (b - a) // args.requests, args.strategy, args.connections,
              ", concurrent" if args.concurrent else "",
-             ", %s access log" % args.access_log if args.access_log else "", a, b))
+             ", %s access log" % args.access_log if args.access_log else "",
+             ", %d routes" % args.routes if args.routes else "", a, b))
     return 0
 
 
