@@ -68,7 +68,7 @@ class Route:
         "name", "index", "kind", "requests", "config", "hosts", "wildcards", "any_host", "segment",
         "prefix", "exact", "regex", "methods", "headers", "networks", "scheme", "status",
         "_pools", "_weights", "_current", "_total", "strip", "add", "request_extra", "request_remove",
-        "response_extra", "response_remove", "modifies_request", "modifies_response", "_body",
+        "response_extra", "response_remove", "modifies_request", "modifies_response", "_body", "simple",
     )
 
     def __init__(self, config: RouteConfig, index: int) -> None:
@@ -97,6 +97,9 @@ class Route:
         self.networks: Tuple[_IPNetwork, ...] = tuple(
             ipaddress.ip_network(c, strict=False) for c in config.client_ip)
         self.scheme = config.scheme.encode("ascii") if config.scheme is not None else None
+        # Nothing to check beyond the host and a path prefix (the table does those inline).
+        self.simple = (self.exact is None and self.regex is None and self.methods is None and not self.headers
+                       and not self.networks and self.scheme is None)
         # Action.
         self._pools = [p for p, _w in config.pools]
         self._weights = [w for _p, w in config.pools]
@@ -241,7 +244,7 @@ class Route:
 class RouteTable:
     """The compiled routes of one configuration (see the module docstring)."""
 
-    __slots__ = ("routes", "_cache", "_addresses")
+    __slots__ = ("routes", "_cache", "_addresses", "_by_segment")
 
     def __init__(self, routes: Sequence[RouteConfig], previous: Optional[RouteTable] = None) -> None:
         self.routes: List[Route] = [Route(c, i) for i, c in enumerate(routes)]
@@ -250,28 +253,40 @@ class RouteTable:
             counts = {r.name: r.requests for r in previous.routes}
             for r in self.routes:
                 r.requests = counts.get(r.name, 0)
-        self._cache: Dict[Tuple[bytes, bytes], Tuple[Route, ...]] = {}
+        # Candidates by raw Host field (or by (Host, first segment) when some route has a segment):
+        # keyed by the field as received, so a hit costs no host normalisation either.
+        self._by_segment = any(r.segment is not None for r in self.routes)
+        self._cache: Dict[object, Tuple[Route, ...]] = {}
         self._addresses: Dict[str, object] = {}
 
-    def candidates(self, host: bytes, segment: bytes) -> Tuple[Route, ...]:
-        key = (host, segment)
-        found = self._cache.get(key)
-        if found is None:
-            found = tuple(r for r in self.routes if r.host_can_match(host) and r.segment_can_match(segment))
-            if len(self._cache) >= CANDIDATE_CACHE_SIZE:
-                self._cache.clear()
-            self._cache[key] = found
-        return found
+    def candidates(self, host: bytes, segment: Optional[bytes]) -> Tuple[Route, ...]:
+        """The file-ordered routes that can match a request to ``host`` (from :func:`match_host`)
+        whose path's first segment is ``segment`` (None: any)."""
+        return tuple(r for r in self.routes
+                     if r.host_can_match(host) and (segment is None or r.segment_can_match(segment)))
 
-    def match(self, req: RequestHead, host: bytes, path: bytes, client_ip: str, scheme: bytes) -> Optional[Route]:
-        """The first route whose every key matches (None: none). ``host`` from :func:`match_host`,
-        ``path`` the normalised path without its query."""
-        end = path.find(b"/", 1)
-        key = (host, path[1:] if end < 0 else path[1:end])
-        found = self._cache.get(key)
+    def match(self, req: RequestHead, raw_host: Optional[bytes], path: bytes, client_ip: str,
+              scheme: bytes) -> Optional[Route]:
+        """The first route whose every key matches (None: none). ``raw_host``: the request's host as
+        received (``req.host``), ``path`` the normalised path without its query."""
+        segment: Optional[bytes] = None
+        key: object = raw_host
+        if self._by_segment:
+            end = path.find(b"/", 1)
+            segment = path[1:] if end < 0 else path[1:end]
+            key = (raw_host, segment)
+        cache = self._cache
+        found = cache.get(key)
         if found is None:
-            found = self.candidates(*key)
+            found = self.candidates(match_host(raw_host), segment)
+            if len(cache) >= CANDIDATE_CACHE_SIZE:
+                cache.clear()
+            cache[key] = found
         for route in found:
-            if route.matches(req, path, client_ip, scheme, self._addresses):
+            if route.simple:
+                prefix = route.prefix
+                if prefix is None or path.startswith(prefix):
+                    return route
+            elif route.matches(req, path, client_ip, scheme, self._addresses):
                 return route
         return None

@@ -24,7 +24,7 @@ from ..http.chunked import ChunkedDecoder
 from ..http.errors import ProtocolError
 from ..http.framing import BodyRelay, client_framing
 from ..http.heads import CHUNKED, LENGTH, NO_BODY, HeadBuffer, RequestHead, ResponseHead, parse_request_head
-from ..http.paths import normalise_target
+from ..http.paths import needs_normalising, normalise_target
 from ..routing import ACT_POOL, ACT_REDIRECT, Route, match_host
 from ..settings import CLIENT_RECV_SIZE
 from ..transport import Chunk, Protocol, Transport
@@ -255,14 +255,13 @@ class ClientConn(Protocol):
             if req.framing == LENGTH and settings.max_body_bytes and req.length > settings.max_body_bytes:
                 raise ProtocolError(413, "Content-Length %d over max_body_bytes" % req.length)
             target = req.target
-            if target[0] == 47:  # origin-form: RFC 3986 §6.2.2 normalisation, for routing and upstream
+            match_path = b""
+            if target[0] == 47 and needs_normalising(target) is not None:
+                # Origin-form with a "%", "/.", "//", "\\" or "#": RFC 3986 §6.2.2 normalisation (rare).
                 path, match_path, query = normalise_target(target)
-                if path is not target and path + query != target:
+                if path + query != target:
                     req.target = path + query
                     req.rewrite = True
-            else:
-                path = match_path = target
-                query = b""
         except ProtocolError as exc:
             self.ex = self._refused_exchange(head)
             self._reject(exc)
@@ -288,7 +287,12 @@ class ClientConn(Protocol):
         if router is None:
             pool = ctx.default_pool
         else:
-            route = router.match(req, match_host(req.host), match_path, self.client_ip, b"http")
+            if not match_path:
+                target = req.target
+                q = target.find(b"?")
+                path, query = (target, b"") if q < 0 else (target[:q], target[q:])
+                match_path = path
+            route = router.match(req, req.host, match_path, self.client_ip, b"http")
             if route is None:
                 pool = ctx.default_pool
             else:
