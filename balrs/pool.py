@@ -388,30 +388,9 @@ class Pool:
         so its health state and counters carry over; a new one starts fresh (resolved now only if
         ``resolve_now(config)``; host names go to the resolver thread); a removed one drains: it gets
         no new requests and finishes those in flight. Returns (added, removed)."""
-        now = self.clock()
-        old = {(b.name, str(b.config.address)): b for b in self.backends}
-        backends: List[Backend] = []
-        added: List[Backend] = []
-        for c in configs:
-            b = old.pop((c.name, str(c.address)), None)
-            if b is None:
-                b = Backend(c, now, resolve_now(c))
-                added.append(b)
-            else:
-                b.apply_config(c)
-            backends.append(b)
-        removed = list(old.values())
-        for b in removed:
-            b.retire()
+        backends, added, removed = match_backends(self.backends, configs, self.clock(), resolve_now)
         self.retired = [b for b in self.retired + removed if b.active]
-        self.backends = backends
-        self.limited = any(b.max_connections for b in backends)
-        if strategy != self.strategy_name or hash_key != self.hash_key:
-            self.strategy_name = strategy
-            self.hash_key = hash_key
-            self.strategy = self.make_strategy(strategy, self.eligible(), hash_key, self.clock)
-        else:
-            self.refresh()
+        self.set_backends(backends, strategy, hash_key)
         return added, removed
 
     def eligible(self) -> List[Backend]:
@@ -490,6 +469,29 @@ class Pool:
                 break
 
 
+def match_backends(current: Sequence[Backend], configs: Sequence[BackendConfig], now: float,
+                   resolve_now: Callable[[BackendConfig], bool]
+                   ) -> Tuple[List[Backend], List[Backend], List[Backend]]:
+    """A reload's backends: one whose name and address are unchanged keeps its object (health state and
+    counters carry over) and takes its new config; a new one starts fresh (resolved now only if
+    ``resolve_now(config)``); a removed one retires (drains). Returns (backends, added, removed)."""
+    old = {(b.name, str(b.config.address)): b for b in current}
+    backends: List[Backend] = []
+    added: List[Backend] = []
+    for c in configs:
+        b = old.pop((c.name, str(c.address)), None)
+        if b is None:
+            b = Backend(c, now, resolve_now(c))
+            added.append(b)
+        else:
+            b.apply_config(c)
+        backends.append(b)
+    removed = list(old.values())
+    for b in removed:
+        b.retire()
+    return backends, added, removed
+
+
 def _pool_configs(config: Config) -> List[PoolConfig]:
     """The pools of ``config``: its [pool] sections and implicit ones (named by a backend's ``pool``),
     whether or not the parser listed the implicit ones (a Config built in code may not)."""
@@ -562,21 +564,7 @@ class Pools:
         its object, so its health state and counters carry over; a new one starts fresh (resolved now
         only if ``resolve_now(config)``: host names go to the resolver thread); a removed one drains.
         Returns (added, removed)."""
-        now = self.clock()
-        old = {(b.name, str(b.config.address)): b for b in self.backends}
-        backends: List[Backend] = []
-        added: List[Backend] = []
-        for c in config.backends:
-            b = old.pop((c.name, str(c.address)), None)
-            if b is None:
-                b = Backend(c, now, resolve_now(c))
-                added.append(b)
-            else:
-                b.apply_config(c)
-            backends.append(b)
-        removed = list(old.values())
-        for b in removed:
-            b.retire()
+        backends, added, removed = match_backends(self.backends, config.backends, self.clock(), resolve_now)
         self.retired = [b for b in self.retired + removed if b.active]
         self.backends = backends
         self._assign(config)

@@ -29,7 +29,8 @@ def head(method: str = "GET", target: str = "/", host: Optional[str] = "lb.test"
 
 
 def match(table: RouteTable, method: str = "GET", target: str = "/", host: Optional[str] = "lb.test",
-          headers: Tuple[Tuple[str, str], ...] = (), client: str = "127.0.0.1", scheme: bytes = b"http") -> Optional[str]:
+          headers: Tuple[Tuple[str, str], ...] = (), client: str = "127.0.0.1",
+          scheme: bytes = b"http") -> Optional[str]:
     req = head(method, target, host, headers)
     path, mpath, _q = normalise_target(req.target)
     r = table.match(req, req.host, mpath, client, scheme)
