@@ -36,6 +36,10 @@ _EPOLLIN = getattr(select, "EPOLLIN", 1)
 _EPOLLOUT = getattr(select, "EPOLLOUT", 4)
 # epoll's event bits -> the selectors mask, as selectors.EpollSelector computes it (an error or hang-up
 # makes a descriptor both readable and writable, so whichever side is registered hears of it).
+# At most this many ready descriptors per epoll_wait; the rest stay ready for the next turn.
+_MAX_EVENTS = 1024
+# Longest single poll (a day): epoll takes an int of milliseconds, timers may be years away.
+_MAX_TIMEOUT = 86400.0
 _FROM_EPOLL = {_EPOLLIN: EVENT_READ, _EPOLLOUT: EVENT_WRITE, _EPOLLIN | _EPOLLOUT: EVENT_READ | EVENT_WRITE}
 
 
@@ -54,6 +58,7 @@ class EpollSelector:
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
+        self.epoll_poll = self._epoll.poll  # the reactor's loop calls it directly (see Reactor.run)
         # fd -> (callback, selectors mask registered)
         self.keys: Dict[int, Tuple[IOCallback, int]] = {}
 
@@ -232,15 +237,28 @@ class Reactor:
         if not isinstance(sel, EpollSelector):
             self._run_selectors()
             return
-        poll = sel.poll
+        epoll_poll = sel.epoll_poll
         keys = sel.keys
         from_epoll = _FROM_EPOLL
         wheel = self.wheel
         clock = self.clock
         soon = self._soon
+        now = self.now
         while self._running:
-            timeout = 0.0 if soon else wheel.next_timeout(self.now)
-            events = poll(timeout)
+            # The poll timeout, from the wheel's cached wake-up when it is known (most turns): epoll
+            # rounds it up to whole milliseconds itself, so a timer is never polled for too early.
+            wake = wheel.wake_at
+            if soon:
+                timeout = 0.0
+            elif now < wake < now + _MAX_TIMEOUT:
+                timeout = wake - now
+            else:
+                t = wheel.next_timeout(now)
+                timeout = -1.0 if t is None else min(t, _MAX_TIMEOUT)
+            try:
+                events = epoll_poll(timeout, _MAX_EVENTS)
+            except InterruptedError:
+                events = []
             self.now = now = clock()
             for fd, ev in events:
                 key = keys.get(fd)
@@ -256,7 +274,10 @@ class Reactor:
                     log.exception("unhandled error in an I/O callback")
             if soon:
                 self._run_soon()
-            wheel.run(now)
+            if now >= wheel.wake_at:
+                # Before wake_at nothing is due: the wheel's cursor may lag, which run() jumps over.
+                wheel.run(now)
+            now = self.now
 
     def _run_soon(self) -> None:
         """The callbacks deferred during this turn (call_soon), in order; those they defer wait a turn."""

@@ -160,6 +160,7 @@ class TimerWheel:
         "_staged",
         "_tick",
         "_visits",
+        "wake_at",
     )
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, resolution: float = 0.001) -> None:
@@ -188,6 +189,10 @@ class TimerWheel:
         # earlier; cancelling leaves them as they are (too early is safe: never late); run() recomputes.
         self._next_start = _NO_TIMER_TICK
         self._next_wake: float | None = None
+        # The same wake-up for a caller's own fast path: before ``wake_at`` (``now < wake_at``),
+        # next_timeout(now) is ``wake_at - now`` and run(now) has nothing to do, so a loop may skip
+        # both calls. 0.0 when unknown (ask next_timeout), +inf when no timer is active.
+        self.wake_at = 0.0
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -237,6 +242,7 @@ class TimerWheel:
         if start <= self._next_start:
             self._next_start = start
             self._next_wake = None
+            self.wake_at = 0.0
         return timer
 
     def call_later(self, delay: float, callback: Callable[[], object], now: float | None = None) -> Timer:
@@ -257,6 +263,7 @@ class TimerWheel:
         the earliest timer's ``when``, and 0.0 when some timer is already due.
         """
         if not self._count:
+            self.wake_at = _INF
             return None
         if now is None:
             now = self._clock()
@@ -268,6 +275,7 @@ class TimerWheel:
             # lands before (a stale, too early _next_start would let it land between and be missed).
             self._next_start = self._compute_next_start()
             wake = self._next_wake = self._compute_wake()
+        self.wake_at = wake
         delay = wake - now
         return delay if delay > 0.0 else 0.0
 
@@ -365,6 +373,7 @@ class TimerWheel:
                 staged.clear()
             self._next_start = self._compute_next_start()
             self._next_wake = None
+            self.wake_at = 0.0
 
     def _next_slot(self) -> tuple[int, int]:
         """(level, index) of the next occupied slot: the lowest one of the lowest non-empty level;
@@ -393,6 +402,7 @@ class TimerWheel:
         if start <= self._next_start:
             self._next_start = start
             self._next_wake = None
+            self.wake_at = 0.0
 
     # -- internals ---------------------------------------------------------------------
 

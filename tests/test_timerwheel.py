@@ -138,6 +138,14 @@ class Model:
             action(self)
 
     def run(self, now: float) -> None:
+        if now < self.wheel.wake_at and self.rng.random() < 0.5:
+            # The reactor's fast path: before wake_at it calls neither run() nor next_timeout(),
+            # so the wheel's cursor lags; nothing may be due meanwhile.
+            earliest = self.earliest()
+            assert earliest is None or earliest > now, "a timer was due before wake_at"
+            self.clock.now = now
+            self.check()
+            return
         self.clock.now = now
         due = set()
         while self.heap and self.heap[0][0] <= now:
@@ -183,8 +191,11 @@ class Model:
         earliest = self.earliest()
         timeout = wheel.next_timeout(now)
         if earliest is None:
-            assert timeout is None
+            assert timeout is None and wheel.wake_at == math.inf
             return
+        # wake_at, once next_timeout has set it, is never later than the earliest timer.
+        if timeout > 0.0:
+            assert now < wheel.wake_at <= earliest
         assert timeout is not None and timeout >= 0.0
         if earliest <= now:
             assert timeout == 0.0
