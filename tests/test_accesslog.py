@@ -54,6 +54,7 @@ class Rec:
     """A finished exchange as the formatter sees it (the proxy's Exchange has these attributes)."""
 
     __slots__ = RECORD_FIELDS  # the formatter may read nothing else
+    req = None  # not an exchange (EXCHANGE_FIELDS): the formatter reads RECORD_FIELDS only
 
     def __init__(self, **over: Any) -> None:
         values: dict[str, Any] = dict(
@@ -756,3 +757,36 @@ def test_writable_helper_waits_on_any_descriptor() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+# ------------------------------------------------------------------------- exchanges (EXCHANGE_FIELDS)
+@pytest.mark.parametrize("fmt", ["json", "combined", "common"])
+@pytest.mark.parametrize("head", [
+    b"GET /p?q=1 HTTP/1.1\r\nHost: a.test\r\nUser-Agent:  ua/1 \r\nReferer: http://r.test/\r\n\r\n",
+    b"GET / HTTP/1.0\r\nX-User-Agent: not-this\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: b\r\nreferer:http://r/\"\r\nuser-agent: \xff\"\r\nUser-Agent: second\r\n\r\n",
+])
+def test_an_exchange_logs_what_its_record_fields_say(fmt: str, head: bytes) -> None:
+    """The exchange fast path (fields read from the parsed head and the outcome objects) writes the
+    very line the RECORD_FIELDS of the same exchange give."""
+    from balrs.http.heads import parse_request_head
+    from balrs.proxy.exchange import Attempts, Exchange
+
+    class Named:  # what Backend, Pool and Route show the log (hashable, like them)
+        def __init__(self, name: str, pool: str = "") -> None:
+            self.name, self.pool = name, pool
+
+    ex = Exchange(parse_request_head(head), "10.0.0.7", 1000.0, WALL, len(head))
+    ex.be = Named("d1", pool="api")  # type: ignore[assignment]
+    ex.pool_ref = Named("api")  # type: ignore[assignment]
+    ex.route_ref = Named("r1")  # type: ignore[assignment]
+    ex.failed = Attempts()
+    ex.failed.retries = 2
+    ex.status, ex.bytes_out, ex.end = 201, 99, "ok"
+    ex.t_connected, ex.t_response, ex.t_done = 1000.001, 1000.002, 1000.003
+    rec = Rec(**{name: getattr(ex, name) for name in RECORD_FIELDS})
+    line = make_formatter(fmt)
+    assert line(ex) == line(rec)
+    ex.be = ex.route_ref = None
+    ex.failed = None
+    assert line(ex) == line(Rec(**{name: getattr(ex, name) for name in RECORD_FIELDS}))
