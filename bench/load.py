@@ -380,7 +380,19 @@ drain_timeout = 2s
 workers = {workers}
 
 {backends}
-"""
+{routes}"""
+
+
+def route_sections(n: int) -> str:
+    """N [route] sections: N-1 the benchmark's requests do not match (by host and by path prefix, in
+    turn), then a catch-all, as bench/callgrind.py --routes does."""
+    out = []
+    for i in range(n - 1):
+        key = "host = svc%d.example.com" % i if i % 2 else "path_prefix = /svc%d/" % i
+        out.append("[route r%d]\n%s\npool = default\n" % (i, key))
+    if n:
+        out.append("[route all]\npath_prefix = /\npool = default\n")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -463,16 +475,18 @@ class Bench:
     # proxies ----------------------------------------------------------------------------------------
 
     def start_balrs(self, tag: str, workers: int = 1, cpu: Optional[int] = -1,
-                    strategy: str = "round_robin") -> Tuple[subprocess.Popen, int, str]:
+                    strategy: str = "round_robin", checkout: str = ROOT) -> Tuple[subprocess.Popen, int, str]:
         port = free_port()
         backends = "\n".join("[backend b%d]\naddress = 127.0.0.1:%d\n" % (i + 1, p)
                              for i, p in enumerate(self.backend_ports))
         ini = os.path.join(self.tmp, "lb-%s.ini" % tag)
         with open(ini, "w") as f:
-            f.write(BALRS_INI.format(port=port, backends=backends, workers=workers, strategy=strategy))
+            f.write(BALRS_INI.format(port=port, backends=backends, workers=workers, strategy=strategy,
+                                     routes=route_sections(self.args.routes if checkout == ROOT else 0)))
         log = os.path.join(self.tmp, "balrs-%s.log" % tag)
+        # `python -m balrs` in the checkout's directory runs that tree's balrs.
         p = self.procs.start(pin(self.proxy_cpu if cpu == -1 else cpu, [sys.executable, "-m", "balrs", ini]),
-                             log, cwd=ROOT)
+                             log, cwd=checkout)
         wait_listening(port, p)
         return p, port, log
 
@@ -500,6 +514,8 @@ class Bench:
             port = self.backend_ports[0]
         elif target == "balrs":
             proc, port, log = self.start_balrs(scenario)
+        elif target == "base":
+            proc, port, log = self.start_balrs(scenario + "-base", checkout=self.args.baseline)
         elif target in STRATEGIES:
             proc, port, log = self.start_balrs(scenario + "-" + target, strategy=target)
         elif target in WORKER_TARGETS:
@@ -556,6 +572,8 @@ class Bench:
     def run(self) -> dict:
         args = self.args
         all_targets = [t for t in TARGETS if t != "haproxy" or self.has_haproxy]
+        if args.baseline:
+            all_targets.insert(1, "base")
         if not self.has_haproxy:
             self.notes.append("haproxy not found: no HAProxy column (%s)" % INSTALL_HINT)
         self.start_backends()
@@ -573,6 +591,8 @@ class Bench:
             results[name]["ratios"] = {
                 "balrs/direct": _ratio(results[name], "balrs", "direct"),
                 "balrs/haproxy": _ratio(results[name], "balrs", "haproxy"),
+                "base/haproxy": _ratio(results[name], "base", "haproxy"),
+                "balrs/base": _ratio(results[name], "balrs", "base"),
                 "w2/w1": _ratio(results[name], "w2", "w1"),
                 # HAProxy's CPU per request over balrs': the throughput ratio if each proxy had a core
                 # of its own and nothing else were the limit.
@@ -678,6 +698,16 @@ def print_table(results: Dict[str, dict], has_haproxy: bool) -> str:
                    if r.get("requests_per_s") and base.get("requests_per_s") else None)
             lines.append("| %s | %s | %s | %s |" % (name, _fmt(r.get("requests_per_s"), 0), _fmt(rel, 2),
                                                    _fmt(r.get("cpu_us_per_request"))))
+    if any("base" in res for res in results.values()):
+        lines.append("")
+        lines.append("| scenario | base req/s | balrs req/s | balrs/base | base/haproxy | balrs/haproxy |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for name, res in results.items():
+            if "base" in res:
+                r = res["ratios"]
+                lines.append("| %s | %s | %s | %s | %s | %s |" % (
+                    name, _fmt(res["base"].get("requests_per_s"), 0), _fmt(res.get("balrs", {}).get("requests_per_s"), 0),
+                    _fmt(r.get("balrs/base"), 2), _fmt(r.get("base/haproxy"), 2), _fmt(r.get("balrs/haproxy"), 2)))
     w = results.get("workers")
     if w:
         lines.append("")
@@ -700,6 +730,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     ap.add_argument("--backend", choices=["auto", "nginx", "python"], default="auto",
                     help="backend servers: nginx, or bench/pybackend.py (auto: nginx when installed)")
+    ap.add_argument("--routes", type=int, default=0,
+                    help="give balrs N [route] sections; requests match the last (see bench/callgrind.py)")
+    ap.add_argument("--baseline", default="",
+                    help="also measure the balrs of this other checkout (target 'base', without --routes: it may "
+                         "predate them), in the same run")
     ap.add_argument("--json", default=os.path.join(RESULTS_DIR, "last.json"), help="where to write the JSON results")
     args = ap.parse_args(argv)
     if args.quick:
