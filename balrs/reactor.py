@@ -34,20 +34,21 @@ log = logging.getLogger("balrs")
 
 _EPOLLIN = getattr(select, "EPOLLIN", 1)
 _EPOLLOUT = getattr(select, "EPOLLOUT", 4)
-# epoll's event bits -> the selectors mask, as selectors.EpollSelector computes it (an error or hang-up
-# makes a descriptor both readable and writable, so whichever side is registered hears of it).
 # At most this many ready descriptors per epoll_wait; the rest stay ready for the next turn.
-_MAX_EVENTS = 1024
+_MAX_EVENTS = 256
 # Longest single poll (a day): epoll takes an int of milliseconds, timers may be years away.
 _MAX_TIMEOUT = 86400.0
-_FROM_EPOLL = {_EPOLLIN: EVENT_READ, _EPOLLOUT: EVENT_WRITE, _EPOLLIN | _EPOLLOUT: EVENT_READ | EVENT_WRITE}
 
 
 def _from_epoll(ev: int) -> int:
-    mask = _FROM_EPOLL.get(ev)
-    if mask is None:
-        mask = (EVENT_WRITE if ev & ~_EPOLLIN else 0) | (EVENT_READ if ev & ~_EPOLLOUT else 0)
-    return mask
+    """epoll's event bits -> the selectors mask, as selectors.EpollSelector computes it (an error or
+    hang-up makes a descriptor both readable and writable, so whichever side is registered hears of it)."""
+    return (EVENT_WRITE if ev & ~_EPOLLIN else 0) | (EVENT_READ if ev & ~_EPOLLOUT else 0)
+
+
+# The same for every combination of the bits epoll reports for balrs' registrations (IN, PRI, OUT,
+# ERR, HUP): one dict lookup per event on the loop.
+_FROM_EPOLL = {ev: _from_epoll(ev) for ev in range(32)}
 
 
 class EpollSelector:
@@ -264,8 +265,9 @@ class Reactor:
                 key = keys.get(fd)
                 if key is None:
                     continue  # unregistered by an earlier callback of this batch
-                mask = from_epoll.get(ev)
-                if mask is None:
+                try:
+                    mask = from_epoll[ev]
+                except KeyError:
                     mask = _from_epoll(ev)
                 try:
                     key[0](mask & key[1])

@@ -31,7 +31,7 @@ from collections import deque
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Deque, List, Optional, Tuple, Union
 
-from .reactor import EVENT_READ, EVENT_WRITE, Reactor
+from .reactor import EVENT_READ, EVENT_WRITE, IOCallback, Reactor
 
 if TYPE_CHECKING:
     from .timerwheel import Timer
@@ -151,29 +151,43 @@ class Transport:
             return
         reactor = self.reactor
         if old == 0:
-            reactor.register(self.fd, events, self._io)
+            reactor.register(self.fd, events, self._callback(events))
         elif events == 0:
             reactor.unregister(self.fd)
         else:
-            reactor.modify(self.fd, events, self._io)
+            reactor.modify(self.fd, events, self._callback(events))
         self.events = events
+
+    def _callback(self, events: int) -> IOCallback:
+        """What the reactor calls for ``events``: while only reading (most of a connection's life), the
+        read path itself, without the write test of _on_io."""
+        if events == EVENT_READ and not self.connecting:
+            return self._on_read
+        return self._io
 
     def _on_io(self, mask: int) -> None:
         try:
             if mask & EVENT_WRITE and self.out:
                 self._flush()
-            if mask & EVENT_READ and self.events & EVENT_READ:
-                try:
-                    data = self.sock.recv(self.read_size)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    self.protocol.eof_received(True)
-                    return
-                if data:
-                    self.protocol.data_received(data)
-                else:
-                    self.protocol.eof_received(False)
+        except Exception:
+            self.protocol.internal_error()
+            return
+        if mask & EVENT_READ and self.events & EVENT_READ:
+            self._on_read(mask)
+
+    def _on_read(self, mask: int) -> None:
+        try:
+            try:
+                data = self.sock.recv(self.read_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.protocol.eof_received(True)
+                return
+            if data:
+                self.protocol.data_received(data)
+            else:
+                self.protocol.eof_received(False)
         except Exception:
             self.protocol.internal_error()
 
@@ -198,7 +212,7 @@ class Transport:
         # Registered for EVENT_WRITE while connecting: the new mask and callback in one modify.
         events = (EVENT_READ if self.reading else 0) | (EVENT_WRITE if self.out else 0)
         if events:
-            self.reactor.modify(self.fd, events, self._io)
+            self.reactor.modify(self.fd, events, self._callback(events))
         else:
             self.reactor.unregister(self.fd)
         self.events = events
