@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .config import RouteConfig
 from .http.build import REASONS
 from .http.heads import RequestHead
+
+if TYPE_CHECKING:
+    from .pool import Pool
 
 __all__ = ["ACT_POOL", "ACT_REDIRECT", "ACT_RETURN", "Route", "RouteTable", "match_host"]
 
@@ -69,6 +72,7 @@ class Route:
         "prefix", "exact", "regex", "methods", "headers", "networks", "scheme", "status",
         "_pools", "_weights", "_current", "_total", "strip", "add", "request_extra", "request_remove",
         "response_extra", "response_remove", "modifies_request", "modifies_response", "_body", "simple",
+        "target", "plain",
     )
 
     def __init__(self, config: RouteConfig, index: int) -> None:
@@ -130,6 +134,11 @@ class Route:
                                          + [n.lower().encode("ascii") for n, _v in config.set_response_headers])
         self.modifies_request = bool(self.strip or self.add or self.request_extra or self.request_remove)
         self.modifies_response = bool(self.response_extra or self.response_remove)
+        # The pool object of a one-pool route (bound by RouteTable when it is given the pools), and
+        # whether the route is "plain": it sends to that pool and changes nothing, so a request it
+        # takes needs no more than the pool (the proxy's fast path).
+        self.target: Optional[Pool] = None
+        self.plain = False
 
     def __repr__(self) -> str:
         return "<Route %s>" % self.name
@@ -244,10 +253,16 @@ class Route:
 class RouteTable:
     """The compiled routes of one configuration (see the module docstring)."""
 
-    __slots__ = ("routes", "_cache", "_addresses", "_by_segment")
+    __slots__ = ("routes", "_cache", "_addresses", "_by_segment", "decided")
 
-    def __init__(self, routes: Sequence[RouteConfig], previous: Optional[RouteTable] = None) -> None:
+    def __init__(self, routes: Sequence[RouteConfig], previous: Optional[RouteTable] = None,
+                 pools: Optional[Mapping[str, Pool]] = None) -> None:
         self.routes: List[Route] = [Route(c, i) for i, c in enumerate(routes)]
+        if pools is not None:
+            for r in self.routes:
+                if r.kind == ACT_POOL and len(r._pools) == 1:
+                    r.target = pools.get(r._pools[0])
+                    r.plain = r.target is not None and not r.modifies_request and not r.modifies_response
         if previous is not None:
             # A reload keeps each route's counter by name.
             counts = {r.name: r.requests for r in previous.routes}
@@ -258,6 +273,10 @@ class RouteTable:
         self._by_segment = any(r.segment is not None for r in self.routes)
         self._cache: Dict[object, Tuple[Route, ...]] = {}
         self._addresses: Dict[str, object] = {}
+        # Raw Host field -> the route (and its pool) every origin-form request with that Host takes, whatever its path,
+        # method, fields or client: the first candidate for the host has no key but the host (and
+        # at most ``path_prefix = /``) and is plain. Filled by match(), bounded like the candidates.
+        self.decided: Dict[Optional[bytes], Tuple[Route, Pool]] = {}
 
     def candidates(self, host: bytes, segment: Optional[bytes]) -> Tuple[Route, ...]:
         """The file-ordered routes that can match a request to ``host`` (from :func:`match_host`)
@@ -278,10 +297,17 @@ class RouteTable:
         cache = self._cache
         found = cache.get(key)
         if found is None:
-            found = self.candidates(match_host(raw_host), segment)
+            host = match_host(raw_host)
+            found = self.candidates(host, segment)
             if len(cache) >= CANDIDATE_CACHE_SIZE:
                 cache.clear()
+                self.decided.clear()
             cache[key] = found
+            first = (found if segment is None else self.candidates(host, None))[:1]
+            if first:
+                r = first[0]
+                if r.plain and r.target is not None and r.simple and r.prefix in (None, b"/"):
+                    self.decided[raw_host] = (r, r.target)
         for route in found:
             if route.simple:
                 prefix = route.prefix

@@ -60,7 +60,7 @@ class Balancer:
         self.settings = Settings.from_config(config)
         reactor = self.reactor
         self.pool = Pools(config, reactor.clock, reactor.call_soon, make_strategy=make_strategy)
-        self.router: Optional[RouteTable] = RouteTable(config.routes) if config.routes else None
+        self.router: Optional[RouteTable] = RouteTable(config.routes, None, self.pool.named) if config.routes else None
         self.clients: Dict[ClientConn, None] = {}
         self.listener = Listener(reactor, "accept", self._new_client, ACCEPT_BATCH, ACCEPT_BACKOFF,
                                  reuse_port, lambda: len(self.clients) < self.settings.max_connections)
@@ -239,7 +239,7 @@ class Balancer:
         self.settings = self.ctx.settings = Settings.from_config(config)
         self._apply_log(config.log, sink)
         added, removed = self.pool.reload(config, lambda c: is_ip_literal(c.address.host))
-        self.router = RouteTable(config.routes, self.router) if config.routes else None
+        self.router = RouteTable(config.routes, self.router, self.pool.named) if config.routes else None
         self.ctx.router = self.router
         self.ctx.default_pool = self.pool.default
         for b in removed:

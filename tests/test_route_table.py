@@ -219,3 +219,56 @@ def test_normalised_paths_hold_no_dot_segments_or_unreserved_escapes() -> None:
         assert b"." not in segs and b".." not in segs, (target, path)
         assert b"%41" not in path and b"%2E" not in path.upper() and b"%7E" not in path.upper(), (target, path)
         assert b"//" not in mpath and b"%2F" not in mpath, (target, mpath)
+
+
+# ---------------------------------------------------------------------------- decided hosts (fast path)
+DECIDING_TABLES = [
+    [R("all", path_prefix="/")],
+    [R("api", hosts=("api.test",)), R("all")],
+    [R("api", hosts=("api.test",), methods=("POST",)), R("all", path_prefix="/")],
+    [R("static", path_prefix="/static/"), R("api", hosts=("api.test",)), R("all")],
+    [R("api", hosts=("api.test",), set_request_headers=(("X-A", "1"),)), R("wild", hosts=("*.test",)), R("all")],
+    [R("split", pools=(("p", 1), ("q", 1))), R("all")],
+    [R("gone", pools=(("missing", 1),)), R("all")],
+    [R("ping", path="/ping"), R("canary", headers=(("x-canary", "1"),)), R("inside", client_ip=("10.0.0.0/8",)),
+     R("all", path_prefix="/")],
+    [R("only-api", path_prefix="/api/"), R("root", path_prefix="/a")],
+]
+DECIDING_REQUESTS = [
+    (m, t, h, hd, c)
+    for m in ("GET", "POST")
+    for t in ("/", "/static/x", "/ping", "/api/v", "/a", "/x?q=1", "/%61pi/v")
+    for h in ("lb.test", "api.test", "API.test:80", "a.b.test", "")
+    for hd in ((), (("X-Canary", "1"),))
+    for c in ("127.0.0.1", "10.1.2.3")
+]
+
+
+@pytest.mark.parametrize("routes", DECIDING_TABLES, ids=lambda rs: ",".join(r.name for r in rs))
+def test_a_decided_host_takes_the_route_matching_would(routes: List[RouteConfig]) -> None:
+    """RouteTable.decided (the proxy's no-matching fast path for an origin-form target) names, for a
+    Host, only a route that the full match gives for every request to that Host."""
+    pools = {"p": object(), "q": object()}
+    table = RouteTable(routes, None, pools)  # type: ignore[arg-type]
+    for m, t, h, hd, c in DECIDING_REQUESTS:
+        match(table, m, t, h, hd, c)  # fills the caches
+    assert all(r is not None for r in table.decided)  # keyed by a Host that was received
+    for m, t, h, hd, c in DECIDING_REQUESTS:
+        req = head(m, t, h, hd)
+        decided = table.decided.get(req.host)
+        if decided is None:
+            continue
+        route, pool = decided
+        assert match(table, m, t, h, hd, c) == route.name
+        assert route.plain and pool is pools[route.config.pools[0][0]]
+
+
+def test_what_is_decided() -> None:
+    pools = {"p": object()}
+    table = RouteTable([R("api", hosts=("api.test",), methods=("POST",)), R("edit", hosts=("e.test",),
+                        set_response_headers=(("X-A", "1"),)), R("all", path_prefix="/")], None, pools)  # type: ignore[arg-type]
+    for host in ("api.test", "e.test", "lb.test", "LB.test"):
+        match(table, "GET", "/x", host)
+    assert sorted(table.decided) == [b"LB.test", b"lb.test"]
+    assert RouteTable([R("all")]).decided == {}  # no pools given: nothing is plain
+    assert match(RouteTable([R("all")]), "GET", "/x") == "all"

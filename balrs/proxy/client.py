@@ -38,7 +38,7 @@ from .upstream import UpstreamConn
 if TYPE_CHECKING:
     import socket
 
-    from ..pool import Backend, Ticket
+    from ..pool import Backend, Pool, Ticket
 
 __all__ = ["ClientConn"]
 
@@ -286,30 +286,21 @@ class ClientConn(Protocol):
         router = ctx.router
         if router is None:
             pool = ctx.default_pool
+            if pool is None:
+                # No [route] and no default pool (every backend is in a named pool).
+                self._reply_error(404, END_NO_ROUTE)
+                return
         else:
-            if not match_path:
-                target = req.target
-                q = target.find(b"?")
-                path, query = (target, b"") if q < 0 else (target[:q], target[q:])
-                match_path = path
-            route = router.match(req, req.host, match_path, self.client_ip, b"http")
-            if route is None:
-                pool = ctx.default_pool
-            else:
+            # A Host whose every request takes one plain route (RouteTable.decided): no matching.
+            decided = router.decided.get(req.host) if target[0] == 47 else None
+            if decided is not None:
+                route, pool = decided
                 route.requests += 1
                 ex.route_ref = route
-                if route.kind != ACT_POOL:
-                    self._local_answer(route, path, query)
+            else:
+                pool = self._route(ex, req, match_path)
+                if pool is None:
                     return
-                pool = ctx.pools.named[route.pool()]
-                if route.modifies_request:
-                    ex.fwd_target = route.forward_path(path) + query
-                if route.modifies_response:
-                    ex.edit = route
-        if pool is None:
-            # No route matched and there is no default pool.
-            self._reply_error(404, END_NO_ROUTE)
-            return
         ex.pool_ref = pool
         backend = pool.choose(req, self.client_ip) if pool.limited else pool.strategy.choose(req, self.client_ip)
         if backend is None:
@@ -330,6 +321,29 @@ class ClientConn(Protocol):
                 self._reply_error(503, END_NO_BACKEND)
                 return
         self._dispatch(backend)
+
+    def _route(self, ex: Exchange, req: RequestHead, match_path: bytes) -> Optional[Pool]:
+        """Match the routes: the pool the request goes to, or None when it is answered already (by the
+        route itself, or 404 when no route matched and there is no default pool)."""
+        target = req.target
+        q = target.find(b"?")
+        path, query = (target, b"") if q < 0 else (target[:q], target[q:])
+        route = self.ctx.router.match(req, req.host, match_path or path, self.client_ip, b"http")  # type: ignore[union-attr]
+        if route is None:
+            pool = self.ctx.default_pool
+            if pool is None:
+                self._reply_error(404, END_NO_ROUTE)
+            return pool
+        route.requests += 1
+        ex.route_ref = route
+        if route.kind != ACT_POOL:
+            self._local_answer(route, path, query)
+            return None
+        if route.modifies_request:
+            ex.fwd_target = route.forward_path(path) + query
+        if route.modifies_response:
+            ex.edit = route
+        return self.ctx.pools.named[route.pool()]
 
     def _local_answer(self, route: Route, path: bytes, query: bytes) -> None:
         """A route answers itself (``redirect`` or ``return``): nothing goes to a backend."""
