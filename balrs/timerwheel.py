@@ -2,7 +2,9 @@
 
 Every deadline in balrs (connect, header, idle, backend, health probe intervals, drain) is a
 `Timer` on one `TimerWheel` per reactor. Each loop turn the reactor asks
-``wheel.next_timeout(now)`` for its ``select()`` timeout, selects, then calls ``wheel.run(now)``.
+``wheel.next_timeout(now)`` for its ``select()`` timeout, selects, then calls ``wheel.run(now)``;
+while ``now < wheel.wake_at`` (the cached wake-up) it skips both calls, and the cursor lags until
+the next ``run()``, which jumps over the gap like any other.
 
 Design (after the hierarchical wheels of Varghese & Lauck, the classic cascading Linux wheel
 described at the top of ``kernel/time/timer.c``, and Kafka's ``TimingWheel``):
