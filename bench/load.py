@@ -706,7 +706,8 @@ def print_table(results: Dict[str, dict], has_haproxy: bool) -> str:
             if "base" in res:
                 r = res["ratios"]
                 lines.append("| %s | %s | %s | %s | %s | %s |" % (
-                    name, _fmt(res["base"].get("requests_per_s"), 0), _fmt(res.get("balrs", {}).get("requests_per_s"), 0),
+                    name, _fmt(res["base"].get("requests_per_s"), 0),
+                    _fmt(res.get("balrs", {}).get("requests_per_s"), 0),
                     _fmt(r.get("balrs/base"), 2), _fmt(r.get("base/haproxy"), 2), _fmt(r.get("balrs/haproxy"), 2)))
     w = results.get("workers")
     if w:
