@@ -112,7 +112,7 @@ class UpstreamConn(Protocol):
         self.read_full = False   # the last recv() filled its buffer: more bytes may be waiting
         self.state = U_CONNECTING
         self.tr = tr = connect(ctx.reactor, backend.family, backend.sockaddr, self, UPSTREAM_RECV_SIZE)
-        self.peek_poll = readable_poll(tr.fd)  # see clean()
+        self.peek_poll = readable_poll(tr.fd)  # the idle pool looks with it before reuse
         tr.arm(now + settings.connect_timeout)
 
     def __repr__(self) -> str:
@@ -337,10 +337,11 @@ class UpstreamConn(Protocol):
         tr = self.tr
         if (self.keep and request_done and not tr.out_bytes and self.state != U_CLOSED
                 and not ctx.draining and not backend.draining
-                and (not self.read_full or self.clean()) and backend.idle.put(self, self.peek_poll)):
+                and not self.read_full and backend.idle.put(self, self.peek_poll)):
             # Back to the pool: the request went out whole and the response came in whole. (A read that
             # did not fill its buffer took everything the kernel had, so bytes after the response would
-            # have been in it; after a full one, look: a response may end exactly on a read boundary.)
+            # have been in it. After a full one, bytes the backend sent past the response may still be
+            # on their way, where no poll sees them yet: such a connection is not reused.)
             self.state = U_IDLE  # U_HEAD/U_BODY -> U_IDLE: in _HOT_TRANSITIONS
             now = self.idle_since = ctx.reactor.now
             if not tr.reading:
