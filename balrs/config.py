@@ -5,18 +5,21 @@ the line, the section and the key: ``PATH:LINE: [section] key: message``.  Readi
 
 1. ``_read`` splits the text into sections and ``key = value`` entries (syntax errors: stray lines, duplicate
    sections and keys, unknown sections).  The sections are ``[balancer]``, ``[health]``, ``[admin]``,
-   ``[log]`` and the named ones ``[backend NAME]``, ``[pool NAME]``, ``[health NAME]``, ``[route NAME]``;
+   ``[log]``, ``[tls]`` and the named ones ``[backend NAME]``, ``[pool NAME]``, ``[health NAME]``, ``[route NAME]``;
 2. ``_build`` checks every entry against the per-section key tables (``_BALANCER_KEYS`` ...) and builds the
    objects, then checks what one section says about another: a route's ``pool`` and a pool's ``backup``
    must name a pool that exists (a ``[pool NAME]`` section, or one a backend's ``pool =`` names), a backup
    chain must not loop, a pool's ``health`` must name a ``[health NAME]`` section, and a route has exactly
-   one action (``pool``, ``redirect`` or ``return``), with modifiers only beside ``pool``.
+   one action (``pool``, ``redirect`` or ``return``), with modifiers only beside ``pool``; a ``tls`` listen
+   address needs ``[tls]``, a ``proxy`` one needs ``trusted_proxies``, and a backend's ``tls_*`` keys need
+   ``tls = yes``.
 
 Both passes collect errors instead of stopping at the first, so that the error finally raised is the one
 nearest the top of the file.  Errors that only follow from other ones ("no [backend NAME] section" when a
 backend header was misspelt) are raised only when nothing else is wrong.
 
-Nothing here resolves names, opens sockets or starts anything.
+Nothing here resolves names, opens sockets, reads certificates or starts anything (``tls.py`` loads the
+certificates, and reports a file it cannot load at the line of its key).
 """
 
 from __future__ import annotations
@@ -91,6 +94,11 @@ REDIRECT_CODES = (301, 302, 303, 307, 308)
 DEFAULT_LOG_ACCESS = "off"  # nginx `access_log` is on by default; a balancer at 10k req/s should opt in
 DEFAULT_LOG_FORMAT = "combined"  # nginx's predefined `combined` format
 DEFAULT_LOG_LEVEL = "info"
+DEFAULT_TLS_MIN_VERSION = "1.2"  # Mozilla's "intermediate" profile; HAProxy ssl-min-ver TLSv1.2 in its examples
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0  # HAProxy `timeout client-hs` (defaults to `timeout client`); Envoy 10s
+DEFAULT_SEND_PROXY = "off"
+TLS_VERSIONS = ("1.2", "1.3")
+SEND_PROXY_VERSIONS = ("off", "v1", "v2")
 DEFAULT_LOG_REQUEST_ID = ""  # off; the contract's example names X-Request-ID (nginx $request_id)
 LOG_FORMATS = ("common", "combined", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -113,6 +121,10 @@ _MAX_DIGITS = len(str(_MAX_INT))
 class Address:
     host: str  # IPv6 literals without brackets
     port: int
+    # Flags of a [balancer] listen address: TLS termination, a PROXY protocol header first. They are not
+    # part of the address's identity: a reload that changes them keeps the bound socket.
+    tls: bool = field(default=False, compare=False)
+    proxy: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         if ":" in self.host:
@@ -128,6 +140,13 @@ class BackendConfig:
     max_connections: int = DEFAULT_BACKEND_MAX_CONNECTIONS
     line: int = 0  # line of the [backend NAME] header
     pool: str = DEFAULT_POOL  # the [pool NAME] it belongs to
+    tls: bool = False  # TLS to this backend (its health probes too)
+    tls_verify: bool = True  # verify the chain and the name
+    tls_ca: str = ""  # CA bundle file ("" = the system's)
+    tls_sni: str | None = None  # None = the host part of address when it is a name (none for an IP)
+    tls_cert: str = ""  # client certificate for mutual TLS (with tls_key, or the key inside it)
+    tls_key: str = ""
+    send_proxy: str = DEFAULT_SEND_PROXY  # off | v1 | v2: a PROXY protocol header on every new connection
 
 
 @dataclass(frozen=True)
@@ -189,6 +208,20 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """[tls]: the certificates of the TLS listen addresses (the first is the default; SNI picks among
+    them), the lowest protocol version, the TLS 1.2 cipher string, and the handshake deadline. Paths are
+    kept as written (relative to the directory balrs starts in); the files are read by ``tls.py``."""
+
+    certs: tuple[str, ...]
+    keys: tuple[str, ...] = ()  # same order as certs; () = every key is inside its cert file
+    min_version: str = DEFAULT_TLS_MIN_VERSION
+    ciphers: str = ""  # "" = Python's default
+    handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    line: int = 0  # line of the cert key (a certificate that cannot be loaded is reported there)
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     listen: tuple[Address, ...]
 
@@ -239,6 +272,11 @@ class Config:
     # None is `path = none` (no active probes for the pools that use it).
     healths: tuple[tuple[str, HealthConfig | None], ...] = ()
     routes: tuple[RouteConfig, ...] = ()
+    # The edge: peers whose PROXY header and X-Forwarded-For are believed (ip_network strings), RFC 7239
+    # Forwarded on or off, and [tls] (required when a listen address has the tls flag).
+    trusted_proxies: tuple[str, ...] = ()
+    forwarded: bool = False
+    tls: TLSConfig | None = None
 
 
 class ConfigError(ValueError):
@@ -431,8 +469,12 @@ def _check_host_name(host: str) -> None:
             raise ValueError(f"{host!r} is not a valid IPv4 address") from None
 
 
-def _parse_listen(text: str) -> tuple[Address, ...]:
-    """One or more addresses separated by commas and/or newlines (continuation lines)."""
+LISTEN_FLAGS = ("tls", "proxy")
+
+
+def _parse_listen(text: str, flags_allowed: bool = True) -> tuple[Address, ...]:
+    """One or more addresses separated by commas and/or newlines (continuation lines), each optionally
+    followed by flags (``0.0.0.0:443 tls``, ``127.0.0.1:8081 tls proxy``)."""
     found: list[Address] = []
     for part, line_text in enumerate(text.split("\n")):
         for item in line_text.split(","):
@@ -443,16 +485,113 @@ def _parse_listen(text: str) -> tuple[Address, ...]:
                 raise _PartError(
                     f"{item!r} is not an address; an indented line continues the value above", part
                 )
+            words = item.split()
             try:
-                address = parse_address(item)
+                address = parse_address(words[0])
             except ValueError as exc:
                 raise _PartError(str(exc), part) from None
+            flags = [w.lower() for w in words[1:]]
+            if flags and not flags_allowed:
+                raise _PartError(f"{address}: flags ({' '.join(words[1:])}) are for [balancer] listen only", part)
+            for flag in flags:
+                if flag not in LISTEN_FLAGS:
+                    raise _PartError(f"{address}: unknown flag {flag!r} (expected tls and/or proxy)", part)
+                if flags.count(flag) > 1:
+                    raise _PartError(f"{address}: flag {flag} is given twice", part)
+            if flags:
+                address = Address(address.host, address.port, tls="tls" in flags, proxy="proxy" in flags)
             if address in found:
                 raise _PartError(f"address {address} is listed twice", part)
             found.append(address)
     if not found:
         raise ValueError("needs at least one host:port address")
     return tuple(found)
+
+
+def _parse_admin_listen(text: str) -> tuple[Address, ...]:
+    return _parse_listen(text, flags_allowed=False)
+
+
+def _parse_yes_no(text: str) -> bool:
+    s = text.strip().lower()
+    if s in ("yes", "on", "true", "1"):
+        return True
+    if s in ("no", "off", "false", "0"):
+        return False
+    raise ValueError(f"expected yes or no, not {text.strip()!r}")
+
+
+def _parse_trusted_proxies(text: str) -> tuple[str, ...]:
+    if not text.strip():
+        return ()
+    return _parse_client_ip(text)
+
+
+def _parse_paths(text: str) -> tuple[str, ...]:
+    """A comma list of file paths (kept as written)."""
+    paths = [item.strip() for item in text.split(",")]
+    if not any(paths):
+        return ()
+    for p in paths:
+        if not p:
+            raise ValueError("empty path in the list")
+        if "\0" in p:
+            raise ValueError("a path cannot contain NUL")
+    return tuple(paths)
+
+
+def _parse_cert_paths(text: str) -> tuple[str, ...]:
+    paths = _parse_paths(text)
+    if not paths:
+        raise ValueError("needs at least one certificate file (PEM)")
+    return paths
+
+
+def _parse_optional_path(text: str) -> str:
+    s = text.strip()
+    if "\0" in s:
+        raise ValueError("a path cannot contain NUL")
+    return s
+
+
+def _parse_tls_version(text: str) -> str:
+    s = text.strip().lower()
+    if s.startswith("tlsv"):
+        s = s[4:]
+    if s not in TLS_VERSIONS:
+        raise ValueError(f"unknown TLS version {text.strip()!r} (expected 1.2 or 1.3)")
+    return s
+
+
+def _parse_ciphers(text: str) -> str:
+    s = text.strip()
+    if s and not re.fullmatch(r"[A-Za-z0-9_:+!@=.,-]+", s):
+        raise ValueError(f"invalid OpenSSL cipher string {_clip(s)!r}")
+    return s
+
+
+def _parse_sni(text: str) -> str:
+    """A host name for TLS SNI; empty = send none."""
+    s = text.strip().lower().rstrip(".")
+    if not s:
+        return ""
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"{s!r} is an IP address; SNI carries host names only (leave tls_sni empty)")
+    _check_host_name(s)
+    return s
+
+
+def _parse_send_proxy(text: str) -> str:
+    s = text.strip().lower()
+    if s in ("no", "none"):
+        s = "off"
+    if s not in SEND_PROXY_VERSIONS:
+        raise ValueError(f"unknown PROXY protocol version {text.strip()!r} (expected off, v1 or v2)")
+    return s
 
 
 def _parse_strategy(text: str) -> str:
@@ -983,6 +1122,8 @@ _BALANCER_KEYS: dict[str, tuple[_Parser, object]] = {
     "slow_start": (_duration(allow_zero=True), DEFAULT_SLOW_START),  # extension: weight ramp after recovery
     "eject_after": (_int_range(0, MAX_RETRIES), DEFAULT_EJECT_AFTER),  # extension: passive outlier detection
     "eject_cooldown": (_duration(), DEFAULT_EJECT_COOLDOWN),  # extension: first ejection time (doubles)
+    "trusted_proxies": (_parse_trusted_proxies, ()),
+    "forwarded": (_parse_yes_no, False),
 }
 
 _HEALTH_KEYS: dict[str, tuple[_Parser, object]] = {
@@ -999,6 +1140,24 @@ _BACKEND_KEYS: dict[str, tuple[_Parser, object]] = {
     "weight": (_int_range(1, MAX_WEIGHT), DEFAULT_WEIGHT),
     "max_connections": (_int_range(0), DEFAULT_BACKEND_MAX_CONNECTIONS),
     "pool": (_parse_pool_name, DEFAULT_POOL),
+    "tls": (_parse_yes_no, False),
+    "tls_verify": (_parse_yes_no, True),
+    "tls_ca": (_parse_optional_path, ""),
+    "tls_sni": (_parse_sni, None),
+    "tls_cert": (_parse_optional_path, ""),
+    "tls_key": (_parse_optional_path, ""),
+    "send_proxy": (_parse_send_proxy, DEFAULT_SEND_PROXY),
+}
+# Backend keys that mean something only with tls = yes.
+_BACKEND_TLS_KEYS = ("tls_verify", "tls_ca", "tls_sni", "tls_cert", "tls_key")
+
+# [tls]: cert and key fill TLSConfig.certs and .keys.
+_TLS_KEYS: dict[str, tuple[_Parser, object]] = {
+    "cert": (_parse_cert_paths, _REQUIRED),
+    "key": (_parse_paths, ()),
+    "min_version": (_parse_tls_version, DEFAULT_TLS_MIN_VERSION),
+    "ciphers": (_parse_ciphers, ""),
+    "handshake_timeout": (_duration(), DEFAULT_TLS_HANDSHAKE_TIMEOUT),
 }
 
 # [health NAME]: the keys of [health]; a key it does not set comes from [health] (see _build).
@@ -1068,7 +1227,7 @@ _ROUTE_MODIFIERS = (
 )
 
 _ADMIN_KEYS: dict[str, tuple[_Parser, object]] = {
-    "listen": (_parse_listen, _REQUIRED),
+    "listen": (_parse_admin_listen, _REQUIRED),
 }
 
 # Keys of [log] are the LogConfig fields of the same name.
@@ -1087,6 +1246,7 @@ _SECTION_KEYS: dict[str, dict[str, tuple[_Parser, object]]] = {
     "log": _LOG_KEYS,
     "pool": _POOL_KEYS,
     "route": _ROUTE_KEYS,
+    "tls": _TLS_KEYS,
 }
 
 # Per section kind, the values that may continue on indented lines (one value per line for [route]).
@@ -1196,7 +1356,7 @@ def _read_header(body: str, lineno: int, path: str, errors: list[ConfigError]) -
             ConfigError(path, lineno, f"unexpected text after section header {_clip(body[: close + 1])!r}")
         )
         return None
-    if title in ("balancer", "health", "admin", "log"):
+    if title in ("balancer", "health", "admin", "log", "tls"):
         return _Section(kind=title, name=title, line=lineno)
     words = title.split(None, 1)
     if words and words[0] in _NAMED_SECTIONS:
@@ -1217,7 +1377,7 @@ def _read_header(body: str, lineno: int, path: str, errors: list[ConfigError]) -
         ConfigError(
             path,
             lineno,
-            "unknown section (expected [balancer], [health], [admin], [log], [backend NAME], [pool NAME],"
+            "unknown section (expected [balancer], [health], [admin], [log], [tls], [backend NAME], [pool NAME],"
             " [health NAME] or [route NAME])",
             title or None,
         )
@@ -1285,6 +1445,8 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
     admin: AdminConfig | None = None
     admin_section: _Section | None = None
     log_config = LogConfig()
+    tls_config: TLSConfig | None = None
+    tls_section: _Section | None = None
     backends: list[BackendConfig] = []
     backend_pools: list[str] = []  # the pool of every backend section that names one validly
     named_healths: list[tuple[_Section, dict[str, Any]]] = []
@@ -1315,8 +1477,13 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
             admin_section = section
         elif section.kind == "log":
             log_config = LogConfig(**values)
+        elif section.kind == "tls":
+            tls_section = section
+            tls_config = _tls_config(section, values, path, errors)
         else:
-            backends.append(BackendConfig(name=section.label, line=section.line, **values))
+            backend = BackendConfig(name=section.label, line=section.line, **values)
+            if _check_backend(section, backend, path, errors):
+                backends.append(backend)
 
     if balancer is not None and admin is not None and admin_section is not None:
         shared = [a for a in admin.listen if a in balancer["listen"]]
@@ -1325,6 +1492,8 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
             errors.append(
                 ConfigError(path, line, f"{shared[0]} is also a [balancer] listen address", "admin", "listen")
             )
+    if balancer is not None and balancer_section is not None:
+        _check_edge(balancer_section, balancer, tls_section, path, errors)
     # Every pool that exists: declared ones and those a backend names (a [health NAME] section counts
     # as existing even when some of its keys are wrong, so that only those keys are blamed).
     pool_names = {section.label for section, _ in pool_sections} | set(backend_pools)
@@ -1363,8 +1532,49 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
         pools=tuple(pools),
         healths=tuple(_named_health(section, values, health) for section, values in named_healths),
         routes=tuple(route for route in routes if route is not None),
+        tls=tls_config,
         **balancer,
     )
+
+
+def _tls_config(section: _Section, values: dict[str, Any], path: str, errors: list[ConfigError]) -> TLSConfig | None:
+    certs, keys = values["cert"], values["key"]
+    if keys and len(keys) != len(certs):
+        line = section.entries["key"].line
+        message = (f"{len(keys)} key files for {len(certs)} certificates"
+                   " (same order; or omit key when each key is in its cert file)")
+        errors.append(ConfigError(path, line, message, section.name, "key"))
+        return None
+    return TLSConfig(certs=certs, keys=keys, min_version=values["min_version"], ciphers=values["ciphers"],
+                     handshake_timeout=values["handshake_timeout"], line=section.entries["cert"].line)
+
+
+def _check_backend(section: _Section, backend: BackendConfig, path: str, errors: list[ConfigError]) -> bool:
+    """A backend's tls_* keys need tls = yes; tls_key needs tls_cert."""
+    before = len(errors)
+    if not backend.tls:
+        for key in _BACKEND_TLS_KEYS:
+            if key in section.entries:
+                errors.append(ConfigError(path, section.entries[key].line, "only with tls = yes", section.name, key))
+    if backend.tls_key and not backend.tls_cert:
+        errors.append(ConfigError(path, section.entries["tls_key"].line, "needs tls_cert (the client certificate)",
+                                  section.name, "tls_key"))
+    return len(errors) == before
+
+
+def _check_edge(balancer_section: _Section, balancer: dict[str, Any], tls_section: _Section | None, path: str,
+                errors: list[ConfigError]) -> None:
+    """A tls listen address needs [tls]; a proxy one needs trusted_proxies (whose PROXY headers to believe)."""
+    listen: tuple[Address, ...] = balancer["listen"]
+    line = balancer_section.entries["listen"].line
+    tls = [a for a in listen if a.tls]
+    if tls and tls_section is None:
+        errors.append(ConfigError(path, line, f"{tls[0]} has the tls flag, but there is no [tls] section"
+                                  " (cert = ..., key = ...)", "balancer", "listen"))
+    proxy = [a for a in listen if a.proxy]
+    if proxy and not balancer["trusted_proxies"]:
+        errors.append(ConfigError(path, line, f"{proxy[0]} has the proxy flag, but trusted_proxies is not set"
+                                  " (the peers whose PROXY header is believed)", "balancer", "listen"))
 
 
 def _named_health(

@@ -147,7 +147,7 @@ def test_objects_are_frozen() -> None:
 @pytest.mark.parametrize(
     "table, cls, skip",
     [
-        (C._BALANCER_KEYS, C.Config, {"path", "health", "backends", "admin", "log", "pools", "healths", "routes"}),
+        (C._BALANCER_KEYS, C.Config, {"path", "health", "backends", "admin", "log", "pools", "healths", "routes", "tls"}),
         (C._HEALTH_KEYS, C.HealthConfig, set()),
         (C._BACKEND_KEYS, C.BackendConfig, {"name", "line"}),
         (C._ADMIN_KEYS, C.AdminConfig, set()),

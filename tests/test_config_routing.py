@@ -189,7 +189,7 @@ def test_backend_pool_key() -> None:
     ("[pool a/b]", "invalid pool name 'a/b'"),
     ("[route a b]", "invalid route name 'a b'"),
     ("[health a!]", "invalid health name 'a!'"),
-    ("[pools x]", "unknown section (expected [balancer], [health], [admin], [log], [backend NAME], [pool NAME],"
+    ("[pools x]", "unknown section (expected [balancer], [health], [admin], [log], [tls], [backend NAME], [pool NAME],"
                   " [health NAME] or [route NAME])"),
 ])
 def test_section_headers(header: str, fragment: str) -> None:
