@@ -183,7 +183,7 @@ class AdminServer:
         for conn in self.conns:
             conn.sock.close()
 
-    def _new_conn(self, sock: socket.socket, peer: object) -> bool:
+    def _new_conn(self, sock: socket.socket, peer: object, _addr: object) -> bool:
         conn = _AdminConn(self, sock)
         self.conns[conn] = None
         return len(self.conns) < ADMIN_MAX_CONNECTIONS

@@ -26,8 +26,9 @@ log = logging.getLogger("balrs")
 LISTEN_BACKLOG = 4096
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
-# on_accept(sock, peer_address) -> whether to keep accepting (False: the connection cap is reached).
-AcceptCallback = Callable[[socket.socket, Any], bool]
+# on_accept(sock, peer_address, listen_address) -> whether to keep accepting (False: the connection cap
+# is reached). The listen address carries its flags (tls, proxy).
+AcceptCallback = Callable[[socket.socket, Any, Address], bool]
 
 
 def bind_listener(addr: Address, reuse_port: bool = False, listen: bool = True) -> socket.socket:
@@ -100,8 +101,8 @@ class Listener:
         """Watch the sockets again (unless backing off after EMFILE or at the connection cap)."""
         if self.accepting or self._timer is not None or not self.can_accept():
             return
-        for sock, _addr in self.sockets:
-            self.reactor.register(sock.fileno(), EVENT_READ, self._make_handler(sock))
+        for sock, addr in self.sockets:
+            self.reactor.register(sock.fileno(), EVENT_READ, self._make_handler(sock, addr))
         self.accepting = True
 
     def pause(self) -> None:
@@ -124,12 +125,12 @@ class Listener:
             sock.close()
         self.sockets = []
 
-    def _make_handler(self, lsock: socket.socket) -> Callable[[int], None]:
+    def _make_handler(self, lsock: socket.socket, addr: Address) -> Callable[[int], None]:
         def on_readable(mask: int) -> None:
-            self._accept(lsock)
+            self._accept(lsock, addr)
         return on_readable
 
-    def _accept(self, lsock: socket.socket) -> None:
+    def _accept(self, lsock: socket.socket, addr: Address) -> None:
         for _ in range(self.batch):
             try:
                 sock, peer = lsock.accept()
@@ -147,7 +148,7 @@ class Listener:
                 return
             try:
                 sock.setblocking(False)
-                keep_going = self.on_accept(sock, peer)
+                keep_going = self.on_accept(sock, peer, addr)
             except OSError as exc:
                 log.warning("%s: accepted connection failed: %s", self.name, exc)
                 sock.close()

@@ -30,13 +30,14 @@ import socket
 from collections import deque
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Deque, List, Optional, Tuple, Union
+from typing import Protocol as TypingProtocol
 
 from .reactor import EVENT_READ, EVENT_WRITE, IOCallback, Reactor
 
 if TYPE_CHECKING:
     from .timerwheel import Timer
 
-__all__ = ["Transport", "Protocol", "Chunk", "HIGH_WATER", "LOW_WATER", "MAX_IOV", "connect"]
+__all__ = ["Transport", "Protocol", "Chunk", "HIGH_WATER", "LOW_WATER", "MAX_IOV", "connect", "Connector", "Acceptor"]
 
 Chunk = Union[bytes, memoryview]
 
@@ -74,7 +75,9 @@ class Protocol:
     def connection_made(self) -> None:
         pass
 
-    def connect_failed(self, err: int) -> None:
+    def connect_failed(self, err: int, reason: str = "") -> None:
+        """An outgoing connection failed: ``err`` is an errno; ``reason`` says more when the failure was
+        not the socket's (a TLS handshake or certificate verification)."""
         pass
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
@@ -104,7 +107,7 @@ class Transport:
 
     __slots__ = ("reactor", "sock", "fd", "protocol", "events", "out", "out_bytes", "read_size", "reading",
                  "connecting", "wr_closed", "closed", "broken", "last_write", "timer", "timer_when",
-                 "_io", "_timer_cb", "__weakref__")
+                 "preamble", "_io", "_timer_cb", "__weakref__")
 
     reactor: Reactor
     sock: socket.socket
@@ -133,6 +136,7 @@ class Transport:
         self.last_write = reactor.now  # the last time the peer took bytes (the send-stall clock)
         self.timer = None
         self.timer_when = _NEVER  # when the timer fires; _NEVER while none is set
+        self.preamble = b""  # sent first, as soon as an outgoing connect succeeds (a PROXY protocol header)
         # While connecting the selector calls _on_connect_io, then _on_io (no per-event test).
         self._io = self._on_connect_io if connecting else self._on_io
         self._timer_cb = self._on_timer
@@ -207,6 +211,8 @@ class Transport:
             self._set_events(0)
             self.protocol.connect_failed(err)
             return
+        if self.preamble and not self._send_preamble():
+            return
         self.connecting = False
         self._io = self._on_io
         # Registered for EVENT_WRITE while connecting: the new mask and callback in one modify.
@@ -219,6 +225,22 @@ class Transport:
         self.protocol.connection_made()
         if self.out and not self.closed:
             self._flush()
+
+    def _send_preamble(self) -> bool:
+        """Send the preamble on the newly connected socket, ahead of everything queued (and of a TLS
+        handshake). A new socket's send buffer is empty, so these few bytes go out whole; if not, the
+        connect counts as failed (False)."""
+        preamble = self.preamble
+        self.preamble = b""
+        try:
+            n = socket.socket.send(self.sock, preamble)
+        except OSError as exc:
+            n = -(exc.errno or errno.EPIPE)
+        if n == len(preamble):
+            return True
+        self._set_events(0)
+        self.protocol.connect_failed(-n if n < 0 else errno.EAGAIN, "cannot send the PROXY header")
+        return False
 
     def _connect_failed_now(self, err: int) -> None:
         if self.connecting and not self.closed:
@@ -303,9 +325,11 @@ class Transport:
         """Queue bytes to send once connected (the head, or what a failed connection did not send)."""
         if isinstance(pending, bytes):
             self.out.append(pending)
+        elif self.out:
+            self.out.extend(pending)
         else:
             self.out = pending
-        self.out_bytes = nbytes
+        self.out_bytes += nbytes
 
     def take_queue(self) -> Tuple[Deque[Chunk], int]:
         """The unsent bytes, removed from this transport (to go out on another connection)."""
@@ -409,9 +433,12 @@ class Transport:
 
 
 def connect(reactor: Reactor, family: int, sockaddr: Tuple[Any, ...], protocol: Protocol,
-            read_size: int = 65536, nodelay: bool = True) -> Transport:
+            read_size: int = 65536, nodelay: bool = True, tls: Optional[Connector] = None,
+            preamble: bytes = b"") -> Transport:
     """Start a non-blocking connect; the protocol hears ``connection_made`` or ``connect_failed(errno)``
     from the loop (an immediate refusal too, so the caller never handles a failure inside this call).
+    ``tls``: the transport is made by it (a TLS transport: the handshake follows the connect, and
+    ``connection_made`` the handshake). ``preamble`` goes out first once connected (a PROXY header).
     Raises OSError only when no socket can be made (EMFILE...)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -422,8 +449,25 @@ def connect(reactor: Reactor, family: int, sockaddr: Tuple[Any, ...], protocol: 
     except OSError:
         sock.close()
         raise
-    tr = Transport(reactor, sock, protocol, read_size, connecting=True)
+    if tls is not None:
+        tr = tls.make_connecting(reactor, sock, protocol, read_size)
+    else:
+        tr = Transport(reactor, sock, protocol, read_size, connecting=True)
+    tr.preamble = preamble
     if err not in _CONNECT_PENDING:
         tr._set_events(0)
         reactor.call_soon(lambda: tr._connect_failed_now(err))
     return tr
+
+
+class Connector(TypingProtocol):
+    """What makes the transport of an outgoing connection other than a plain one (``tls.ClientTLS``)."""
+
+    def make_connecting(self, reactor: Reactor, sock: socket.socket, protocol: Protocol,
+                        read_size: int) -> Transport: ...
+
+
+class Acceptor(TypingProtocol):
+    """What makes the transport of an accepted connection (``Transport`` itself, or ``tls.ServerTLS``)."""
+
+    def __call__(self, reactor: Reactor, sock: socket.socket, protocol: Protocol, read_size: int) -> Transport: ...

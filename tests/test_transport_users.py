@@ -424,6 +424,8 @@ class StubBackend:
         self.family = socket.AF_INET
         self.sockaddr: Tuple[str, int] = (HOST, port)
         self.host_header = b"%s:%d" % (HOST.encode(), port)
+        self.tls = None
+        self.send_proxy = "off"
 
 
 def stub_backend(port: int) -> StubBackend:
