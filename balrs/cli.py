@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .accesslog import RateLimitFilter
+from .tls import load_tls
 from .config import DEFAULT_POOL, STRATEGIES, Config, ConfigError, PoolConfig, load, parse_address
 
 __all__ = ["main", "build_parser"]
@@ -100,6 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = load(args.config)
         config = apply_overrides(config, args.listen, args.strategy)
+        load_tls(config)  # certificates and CA files: a file that cannot be loaded is a config error
     except ConfigError as exc:
         sys.stderr.write("%s\n" % exc)
         return 2

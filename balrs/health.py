@@ -35,6 +35,7 @@ import socket
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, Optional, Union
 
+from .edge import probe_proxy_header
 from .http.errors import ProtocolError
 from .http.heads import RESPONSE, HeadBuffer, parse_response_head
 from .transport import Protocol, Transport, connect
@@ -171,7 +172,8 @@ class _Probe(Protocol):
         try:
             # Refusals and other connect errors come back from the loop, as connect_failed.
             self.tr = connect(health.reactor, backend.family, backend.sockaddr, self, PROBE_READ_SIZE,
-                              nodelay=False)
+                              nodelay=False, tls=backend.tls,
+                              preamble=probe_proxy_header(backend.send_proxy) if backend.send_proxy != "off" else b"")
         except OSError as exc:
             if exc.errno in _LOCAL_ERRNOS:
                 # Our own trouble (EMFILE...) says nothing about the backend: no result this cycle.
@@ -203,8 +205,8 @@ class _Probe(Protocol):
         if not tr.queued and not tr.broken:
             self._to(P_READING)
 
-    def connect_failed(self, err: int) -> None:
-        self.finish(False, "connect: %s" % os.strerror(err))
+    def connect_failed(self, err: int, reason: str = "") -> None:
+        self.finish(False, "connect: %s" % (reason or os.strerror(err)))
 
     def write_drained(self) -> None:
         if self.state == P_SENDING:

@@ -72,7 +72,7 @@ class Backend:
         "active", "requests", "failures", "responses", "latency", "latency_sum",
         "up", "health_successes", "health_failures", "transitions", "last_check", "last_check_ok",
         "ejected_until", "ejections", "consecutive_errors", "up_since", "draining",
-        "ewma", "ewma_at", "idle", "pool", "owner",
+        "ewma", "ewma_at", "idle", "pool", "owner", "tls", "send_proxy",
     )
 
     def __init__(self, config: BackendConfig, now: float = 0.0, resolve_now: bool = True) -> None:
@@ -121,6 +121,10 @@ class Backend:
         # The pool it belongs to (by name, and the object, set by Pools): whose queue a freed slot wakes.
         self.pool = config.pool
         self.owner: Optional[Pool] = None
+        # How connections to it are made: a TLS connector (set by the server from tls.load_tls; None =
+        # plain TCP), and the PROXY protocol header version each new connection starts with ("off").
+        self.tls: Optional[Any] = None
+        self.send_proxy = config.send_proxy
 
     def resolve(self) -> bool:
         """Resolve the address now (blocking). Returns True on success."""
@@ -193,11 +197,16 @@ class Backend:
 
     def apply_config(self, config: BackendConfig) -> None:
         """A reload kept this backend (same name and address): take its new weight, limits and pool."""
+        old = self.config
         self.config = config
         self.pool = config.pool
         self.weight = config.weight
         self.eff_weight = config.weight
         self.max_connections = config.max_connections
+        self.send_proxy = config.send_proxy
+        if (old.tls, old.send_proxy) != (config.tls, config.send_proxy):
+            # Pooled connections were made the old way (plain vs TLS, with or without a PROXY header).
+            self.idle.close_all()
 
     def set_effective_weight(self, weight: float) -> None:
         """Slow start ramps the weight strategies see (health.py)."""

@@ -29,6 +29,9 @@ from .reactor import Reactor
 from .settings import Settings
 from .strategies import make_strategy
 from .timerwheel import Timer
+from .edge import ProxyHeaderPhase, make_peer
+from .tls import EdgeTLS, load_tls
+from .transport import Acceptor, Transport
 
 __all__ = ["Balancer"]
 
@@ -58,8 +61,11 @@ class Balancer:
         # snapshot (control.py) and answers for all of them.
         self.serve_admin = serve_admin
         self.settings = Settings.from_config(config)
+        # TLS contexts (listen certificates, backends'): raises ConfigError for a file it cannot load.
+        self.tls: EdgeTLS = load_tls(config)
         reactor = self.reactor
         self.pool = Pools(config, reactor.clock, reactor.call_soon, make_strategy=make_strategy)
+        self._apply_tls(self.tls)
         self.router: Optional[RouteTable] = RouteTable(config.routes, None, self.pool.named) if config.routes else None
         self.clients: Dict[ClientConn, None] = {}
         self.listener = Listener(reactor, "accept", self._new_client, ACCEPT_BATCH, ACCEPT_BACKOFF,
@@ -168,13 +174,51 @@ class Balancer:
         self.listener.bind(self.config.listen)
         self.listener.resume()
 
-    def _new_client(self, sock: socket.socket, peer: Tuple[str, int]) -> bool:
+    def _new_client(self, sock: socket.socket, peer: Tuple[str, int], addr: Address) -> bool:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = ClientConn(self.ctx, sock, peer[0])
-        self.clients[conn] = None
         self.accepted += 1
+        if addr.proxy:
+            settings = self.settings
+            if peer[0] not in settings.trusted:
+                # Only a trusted proxy may say who the client is: anyone else is closed without a word.
+                log.info("PROXY listener %s: %s is not in trusted_proxies; closed", addr, peer[0])
+                sock.close()
+                return True
+            phase = ProxyHeaderPhase(self.reactor, sock, peer[0], settings.header_timeout,
+                                     lambda s, ip, port, local: self._start_client(s, ip, port, local, addr),
+                                     self.client_closed)
+            self.clients[phase] = None  # type: ignore[index]
+        else:
+            self._start_client(sock, peer[0], peer[1], None, addr)
         # Above max_connections new connections wait in the kernel's accept backlog.
         return len(self.clients) < self.settings.max_connections
+
+    def _start_client(self, sock: socket.socket, ip: str, port: int, local: Optional[Tuple[str, int]],
+                      addr: Address) -> None:
+        """A client connection on ``sock`` from ``ip`` (the socket's peer, or the PROXY header's)."""
+        accept: Acceptor = Transport
+        server_tls = self.tls.server
+        if addr.tls and server_tls is not None:
+            accept = server_tls.accept
+        try:
+            peer = make_peer(ip, port, b"https" if addr.tls else b"http", accept, self.settings.trusted, local, sock)
+            conn = ClientConn(self.ctx, sock, ip, peer)
+        except (OSError, ValueError) as exc:
+            log.warning("accepted connection from %s failed: %s", ip, exc)
+            sock.close()
+            return
+        self.clients[conn] = None
+
+    def _apply_tls(self, tls: EdgeTLS) -> None:
+        """Give every backend its TLS connector (None: plain TCP); a changed one drops its pooled
+        connections, made with the old one."""
+        self.tls = tls
+        for b in self.pool.backends:
+            new = tls.backends.get(b.name)
+            if b.tls is not new:
+                if b.tls is not None:
+                    b.idle.close_all()
+                b.tls = new
 
     def client_closed(self, conn: object) -> None:
         self.clients.pop(conn, None)  # type: ignore[call-overload]
@@ -204,22 +248,25 @@ class Balancer:
             config = load(self.config.path)
             if self.overrides is not None:
                 config = self.overrides(config)
+            tls = load_tls(config, self.tls)
         except (ConfigError, ValueError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return False
         try:
-            self.reload(config)
+            self.reload(config, tls)
         except OSError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc.strerror or exc)
             return False
         return True
 
-    def reload(self, config: Config) -> None:
+    def reload(self, config: Config, tls: Optional[EdgeTLS] = None) -> None:
         """Apply a new configuration without dropping an established client connection (idle ones,
         tunnels and requests in flight included) or a request in flight: new listen addresses are
         bound first (an error changes nothing), removed ones stop accepting; backends are matched by
         name and address so health state and counters carry over."""
         old = self.config
+        if tls is None:
+            tls = load_tls(config, self.tls)  # ConfigError: a certificate that cannot be loaded
         sink = self._open_log(config.log)  # an unwritable access log refuses the reload here
         new_admin, old_admin = self._admin_config(config), self._admin_config(old)
         admin_moved = new_admin is not None and self.admin is not None and new_admin != old_admin
@@ -244,6 +291,7 @@ class Balancer:
         self.ctx.default_pool = self.pool.default
         for b in removed:
             b.idle.close_all()
+        self._apply_tls(tls)
         self.health.reload()
         if any(not b.resolved for b in added):
             self.resolver.trigger()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import Config
+from .edge import Trusted
 
 __all__ = ["Settings", "MAX_RESPONSE_HEAD", "CLIENT_RECV_SIZE"]
 
@@ -46,6 +47,9 @@ class Settings:
     # The request-id field as configured (b"" for none), and lowercased for finding it in a head.
     request_id_field: bytes
     request_id: bytes
+    # The edge: trusted_proxies (empty: v1 behaviour) and RFC 7239 Forwarded on or off.
+    trusted: Trusted
+    forwarded: bool
 
     @classmethod
     def from_config(cls, c: Config) -> "Settings":
@@ -70,4 +74,6 @@ class Settings:
                                          c.body_timeout, c.send_timeout)),
             request_id_field=rid.encode("ascii"),
             request_id=rid.lower().encode("ascii"),
+            trusted=Trusted(c.trusted_proxies),
+            forwarded=c.forwarded,
         )

@@ -29,6 +29,7 @@ from typing import Callable, Dict, Optional, Sequence
 from . import __version__
 from .admin import AdminServer
 from .config import Address, Config, ConfigError, load
+from .tls import load_tls
 from .control import SnapshotCollector, WorkerControl
 from .reactor import Reactor
 from .listener import bind_listener
@@ -206,6 +207,7 @@ class Supervisor:
             config = load(self.config.path)
             if self.overrides is not None:
                 config = self.overrides(config)
+            load_tls(config)  # a certificate that cannot be loaded refuses the reload here
         except (ConfigError, ValueError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return

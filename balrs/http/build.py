@@ -13,7 +13,7 @@ from .heads import CHUNKED, CLOSE_DELIMITED, LENGTH, RequestHead, ResponseHead
 
 __all__ = [
     "REASONS", "VIA", "edit_head", "error_response", "upstream_request_head", "client_response_head",
-    "forwarded_suffix",
+    "forwarded_suffix", "XF_APPEND", "XF_REPLACE", "XF_KEEP",
 ]
 
 # RFC 9110 §7.6.3: a gateway sends Via in each request it forwards; "balrs" is our pseudonym.
@@ -55,20 +55,27 @@ def error_response(status: int, close: bool = True, head_only: bool = False) -> 
     return data
 
 
-def forwarded_suffix(client_ip: bytes) -> bytes:
+# How the X-Forwarded-* fields a request arrives with are treated (edge.py decides per connection).
+XF_APPEND = 0   # X-Forwarded-For appended to; X-Forwarded-Proto/Host replaced (trusted_proxies unset)
+XF_REPLACE = 1  # X-Forwarded-For replaced too (a peer outside trusted_proxies)
+XF_KEEP = 2     # X-Forwarded-For appended to; X-Forwarded-Proto/Host kept when present (a trusted peer)
+
+
+def forwarded_suffix(client_ip: bytes, proto: bytes = b"http") -> bytes:
     """The fields balrs adds to every request of a client connection, except X-Forwarded-Host, which
-    depends on the request. Computed once per connection."""
-    return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nVia: %s\r\n" % (client_ip, VIA)
+    depends on the request. Computed once per connection (``proto``: http, or https over TLS)."""
+    return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nVia: %s\r\n" % (client_ip, proto, VIA)
 
 
 def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, default_host: bytes,
                           extra: bytes = b"", remove: Optional[Collection[bytes]] = None,
-                          target: Optional[bytes] = None) -> bytes:
+                          target: Optional[bytes] = None, xf: int = XF_APPEND, proto: bytes = b"http") -> bytes:
     """The request head sent to a backend: HTTP/1.1, hop-by-hop fields removed, X-Forwarded-For appended
-    to, X-Forwarded-Proto/Host replaced, Via appended to, Upgrade kept only when tunnelling. ``extra``
-    (complete field lines, such as a request id or a route's set fields) is appended; the fields named
-    in ``remove`` (lowercase) are dropped (an invalid request id the new one replaces, a route's
-    removed or replaced fields); ``target`` replaces the request target (a route's path rewrite)."""
+    to (``xf``: or replaced), X-Forwarded-Proto/Host replaced (or kept), Via appended to, Upgrade kept only
+    when tunnelling. ``extra`` (complete field lines, such as a request id or a route's set fields) is
+    appended; the fields named in ``remove`` (lowercase) are dropped (an invalid request id the new one
+    replaces, a route's removed or replaced fields); ``target`` replaces the request target (a route's
+    path rewrite). ``suffix`` is :func:`forwarded_suffix` for ``client_ip`` and ``proto``."""
     host = req.host
     if not req.rewrite and host is not None and remove is None and target is None:
         # Fast path: an HTTP/1.1 head with nothing to remove or merge.
@@ -88,11 +95,26 @@ def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, def
     xff: List[bytes] = []
     via: List[bytes] = []
     seen_framing = False
+    kept_proto = kept_host = False
     for name, lname, value in zip(req.names, req.lnames, req.values):
         if lname in drop:
+            if xf == XF_KEEP and (lname == b"x-forwarded-proto" or lname == b"x-forwarded-host") and (
+                    remove is None or lname not in remove):
+                # A trusted front-end's scheme and host survive (a TLS terminator's "https"); the first
+                # of each only.
+                if lname == b"x-forwarded-proto":
+                    if kept_proto:
+                        continue
+                    kept_proto = True
+                else:
+                    if kept_host:
+                        continue
+                    kept_host = True
+                out.append(b"%s: %s\r\n" % (name, value))
+                continue
             # An empty value would start the list with an empty element.
             if lname == b"x-forwarded-for":
-                if value:
+                if value and xf != XF_REPLACE:
                     xff.append(value)
             elif lname == b"via":
                 if value:
@@ -115,8 +137,9 @@ def upstream_request_head(req: RequestHead, client_ip: bytes, suffix: bytes, def
         out.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade)
     xff.append(client_ip)
     out.append(b"X-Forwarded-For: %s\r\n" % b", ".join(xff))
-    out.append(b"X-Forwarded-Proto: http\r\n")
-    if host is not None:
+    if not kept_proto:
+        out.append(b"X-Forwarded-Proto: %s\r\n" % proto)
+    if host is not None and not kept_host:
         out.append(b"X-Forwarded-Host: %s\r\n" % host)
     via.append(VIA)
     out.append(b"Via: %s\r\n%s\r\n" % (b", ".join(via), extra))

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Deque, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Deque, FrozenSet, List, Optional, Tuple, Union
 
 from ..accesslog import valid_request_id
-from ..http.build import client_response_head, edit_head, error_response, forwarded_suffix, upstream_request_head
+from ..edge import Peer, forwarded_element, proxy_header, real_client
+from ..http.build import (
+    XF_APPEND, XF_KEEP, XF_REPLACE, client_response_head, edit_head, error_response, forwarded_suffix,
+    upstream_request_head,
+)
 from ..http.chunked import ChunkedDecoder
 from ..http.errors import ProtocolError
 from ..http.framing import BodyRelay, client_framing
@@ -27,7 +31,7 @@ from ..http.heads import CHUNKED, LENGTH, NO_BODY, HeadBuffer, RequestHead, Resp
 from ..http.paths import needs_normalising, normalise_target
 from ..routing import ACT_POOL, ACT_REDIRECT, Route, match_host
 from ..settings import CLIENT_RECV_SIZE
-from ..transport import Chunk, Protocol, Transport
+from ..transport import Chunk, Protocol
 from .exchange import (
     END_BACKEND_ERROR, END_BACKEND_TIMEOUT, END_CLIENT_ABORT, END_CLIENT_TIMEOUT, END_INTERNAL,
     END_NO_BACKEND, END_NO_ROUTE, END_OK, END_QUEUE_TIMEOUT, END_REJECTED, END_SHUTDOWN, END_TUNNEL, F_CONNECT_REFUSED,
@@ -85,12 +89,13 @@ class ClientConn(Protocol):
     """One client connection (see the module docstring)."""
 
     __slots__ = (
-        "ctx", "settings", "tr", "inbuf", "client_ip", "client_ip_b", "suffix", "ex", "req_bytes", "body", "upstream",
+        "ctx", "settings", "tr", "inbuf", "client_ip", "client_ip_b", "suffix", "peer", "xf", "proto", "ex",
+        "req_bytes", "body", "upstream",
         "close_after", "eof", "idle_since", "head_start", "last_read", "processing", "linger_start",
         "linger_bytes", "paused_for_pipeline", "queued_at", "ticket", "state", "__weakref__",
     )
 
-    def __init__(self, ctx: ProxyContext, sock: socket.socket, client_ip: str) -> None:
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, client_ip: str, peer: Optional[Peer] = None) -> None:
         self.ctx = ctx
         # The settings of the request in progress: taken from the context when a request starts, so a
         # reload applies from the next request on, never half-way through one.
@@ -98,9 +103,17 @@ class ClientConn(Protocol):
         now = ctx.reactor.now
         self.state = C_IDLE
         self.inbuf = HeadBuffer(ctx.settings.max_header_bytes)
+        # The client as the edge saw it (the socket's peer, or the PROXY header's source): what
+        # X-Forwarded-For gets, and the client address of every request (unless a trusted peer's
+        # X-Forwarded-For names another: edge.real_client).
+        if peer is None:
+            peer = Peer(client_ip, 0, sock=sock)
+        self.peer = peer
+        self.xf = peer.xf
+        self.proto = peer.scheme
         self.client_ip = client_ip
         self.client_ip_b = client_ip.encode("ascii", "replace")
-        self.suffix = forwarded_suffix(self.client_ip_b)
+        self.suffix = forwarded_suffix(self.client_ip_b, peer.scheme)
         self.ex: Optional[Exchange] = None
         self.req_bytes = b""
         self.body: Optional[BodyRelay] = None   # the request body in transit
@@ -116,7 +129,7 @@ class ClientConn(Protocol):
         self.paused_for_pipeline = False
         self.queued_at = 0.0
         self.ticket: Optional[Ticket] = None   # our place in the pool's queue while C_QUEUED
-        self.tr = tr = Transport(ctx.reactor, sock, self, CLIENT_RECV_SIZE)
+        self.tr = tr = peer.accept(ctx.reactor, sock, self, CLIENT_RECV_SIZE)
         tr.arm(now + ctx.settings.client_timeout)
 
     def __repr__(self) -> str:
@@ -266,7 +279,11 @@ class ClientConn(Protocol):
             self.ex = self._refused_exchange(head)
             self._reject(exc)
             return
-        self.ex = ex = Exchange(req, self.client_ip, now, time.time() if ctx.log_line else 0.0, len(head))
+        client_ip = self.client_ip
+        if self.xf == XF_KEEP and req.rewrite:
+            # A trusted peer (a front-end proxy) names the client in X-Forwarded-For.
+            client_ip = real_client(req.header(b"x-forwarded-for"), client_ip, settings.trusted)
+        self.ex = ex = Exchange(req, client_ip, now, time.time() if ctx.log_line else 0.0, len(head))
         self.close_after = not req.keep_alive or ctx.draining
         if settings.request_id:
             self._request_id(ex, req)
@@ -302,7 +319,7 @@ class ClientConn(Protocol):
                 if pool is None:
                     return
         ex.pool_ref = pool
-        backend = pool.choose(req, self.client_ip) if pool.limited else pool.strategy.choose(req, self.client_ip)
+        backend = pool.choose(req, client_ip) if pool.limited else pool.strategy.choose(req, client_ip)
         if backend is None:
             if pool.all_full():
                 self._enqueue()
@@ -311,7 +328,7 @@ class ClientConn(Protocol):
             while backup is not None and backend is None:
                 # No backend of the pool is eligible: its backup pool serves meanwhile.
                 ex.pool_ref = backup
-                backend = backup.choose(req, self.client_ip)
+                backend = backup.choose(req, client_ip)
                 if backend is None and backup.all_full():
                     self._enqueue()
                     return
@@ -328,7 +345,8 @@ class ClientConn(Protocol):
         target = req.target
         q = target.find(b"?")
         path, query = (target, b"") if q < 0 else (target[:q], target[q:])
-        route = self.ctx.router.match(req, req.host, match_path or path, self.client_ip, b"http")  # type: ignore[union-attr]
+        route = self.ctx.router.match(  # type: ignore[union-attr]
+            req, req.host, match_path or path, ex.client, self.proto)
         if route is None:
             pool = self.ctx.default_pool
             if pool is None:
@@ -359,7 +377,7 @@ class ClientConn(Protocol):
                 port = self.tr.sock.getsockname()[1]
             except (OSError, IndexError):
                 port = 0
-        data = route.local_response(b"http", match_host(req.host), port, path, query, self.close_after,
+        data = route.local_response(self.proto, match_host(req.host), port, path, query, self.close_after,
                                     req.method == b"HEAD")
         if ex.request_id is not None:
             data = self._with_request_id(data[:data.index(b"\r\n\r\n") + 4]) + data[data.index(b"\r\n\r\n") + 4:]
@@ -387,24 +405,12 @@ class ClientConn(Protocol):
         assert ex is not None
         req = ex.req
         assert req is not None
-        rid = ex.request_id
-        if ex.route_ref is not None and (ex.fwd_target is not None or ex.edit is not None):
-            data = self._routed_head(ex, req, backend)
-        elif rid is None:
-            data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
+        if (ex.request_id is None and not self.xf and not self.settings.forwarded
+                and (ex.route_ref is None or (ex.fwd_target is None and ex.edit is None))):
+            data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header, b"", None, None,
+                                         XF_APPEND, self.proto)
         else:
-            settings = self.settings
-            sent = req.find_field(settings.request_id)
-            if sent == rid and req.low.count(b"\r\n%s:" % settings.request_id) == 1:
-                # The client's valid id goes on as it came.
-                data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header)
-            else:
-                # Ours is added (or the client's valid one again); every one the client sent is removed,
-                # so the backend sees exactly one.
-                data = upstream_request_head(
-                    req, self.client_ip_b, self.suffix, backend.host_header,
-                    b"%s: %s\r\n" % (settings.request_id_field, rid),
-                    None if sent is None else (settings.request_id,))
+            data = self._upstream_head(ex, req, backend)
         self.req_bytes = data
         up = backend.idle.take()
         if up is not None:
@@ -415,19 +421,40 @@ class ClientConn(Protocol):
         if self.state == C_BODY and self.inbuf.buf:
             self._body_data(self.inbuf.take())
 
-    def _routed_head(self, ex: Exchange, req: RequestHead, backend: Backend) -> bytes:
-        """The upstream head of a request whose route rewrites its path or its fields."""
+    def _upstream_head(self, ex: Exchange, req: RequestHead, backend: Backend) -> bytes:
+        """The upstream head of a request with something to add or remove: a request id, a route's path
+        rewrite or field edits, the edge's X-Forwarded-* policy or an RFC 7239 Forwarded element."""
+        settings = self.settings
+        extra = b""
+        remove: Optional[FrozenSet[bytes]] = None
+        target: Optional[bytes] = None
         route = ex.route_ref
-        assert route is not None
-        extra = route.request_extra
-        remove = route.request_remove
+        routed = route is not None and (ex.fwd_target is not None or ex.edit is not None)
+        if routed:
+            assert route is not None
+            extra = route.request_extra
+            remove = route.request_remove or None
+            target = ex.fwd_target
         rid = ex.request_id
         if rid is not None:
-            settings = self.settings
-            extra += b"%s: %s\r\n" % (settings.request_id_field, rid)
-            remove = remove.union((settings.request_id,))
-        return upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header, extra,
-                                     remove or None, ex.fwd_target)
+            sent = req.find_field(settings.request_id)
+            if routed or sent != rid or req.low.count(b"\r\n%s:" % settings.request_id) != 1:
+                # Ours is added (or the client's valid one again); every one the client sent is removed,
+                # so the backend sees exactly one. (The client's valid id alone goes on as it came.)
+                extra += b"%s: %s\r\n" % (settings.request_id_field, rid)
+                if sent is not None or routed:
+                    remove = (remove or frozenset()).union((settings.request_id,))
+        xf = self.xf
+        if xf == XF_REPLACE or settings.forwarded:
+            incoming = req.header(b"forwarded") if b"\r\nforwarded:" in req.low else None
+            if incoming is not None:
+                remove = (remove or frozenset()).union((b"forwarded",))
+            if settings.forwarded:
+                ours = forwarded_element(self.client_ip_b, self.proto, req.host)
+                extra += b"Forwarded: %s\r\n" % (
+                    ours if incoming is None or xf == XF_REPLACE else incoming + b", " + ours)
+        return upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header, extra, remove,
+                                     target, xf, self.proto)
 
     def _enqueue(self) -> None:
         """Every eligible backend is at max_connections: wait for a slot (FIFO), up to queue_timeout.
@@ -448,7 +475,7 @@ class ClientConn(Protocol):
             return True
         pool = ex.pool_ref
         assert pool is not None
-        backend = pool.choose(ex.req, self.client_ip)
+        backend = pool.choose(ex.req, ex.client)
         if backend is None:
             return False
         self.queued_at = 0.0
@@ -487,7 +514,8 @@ class ClientConn(Protocol):
                 idle_up.send_request(ex, self, pending if isinstance(pending, bytes) else b"".join(pending))
                 return
         try:
-            up = UpstreamConn(self.ctx, backend, self.settings)
+            up = UpstreamConn(self.ctx, backend, self.settings,
+                              self._proxy_header(backend.send_proxy, ex) if backend.send_proxy != "off" else b"")
         except OSError as exc:
             # No socket for it (EMFILE...): nothing was sent; answer now.
             log.error("backend %s: cannot open a connection: %s", backend.name, exc)
@@ -495,6 +523,12 @@ class ClientConn(Protocol):
             return
         self.upstream = up
         up.attach(ex, self, pending, nbytes)
+
+    def _proxy_header(self, version: str, ex: Exchange) -> bytes:
+        """The PROXY protocol header for a backend's new connection: this request's client, and the
+        address it connected to."""
+        peer = self.peer
+        return proxy_header(version, (ex.client, peer.port if ex.client == peer.ip else 0), peer.destination())
 
     def _body_data(self, data: bytes) -> None:
         """Request body bytes from the client: frame them for upstream; keep what follows the body."""
@@ -685,7 +719,7 @@ class ClientConn(Protocol):
             pool = ex.pool_ref
             assert pool is not None
             if len(tried) <= pool.retries:
-                other = pool.choose(req, self.client_ip, tried)
+                other = pool.choose(req, ex.client, tried)
                 if other is not None and pending is not None:
                     log.info("connect to %s failed, retrying on %s", backend.name, other.name)
                     failed.retries += 1

@@ -88,8 +88,9 @@ class UpstreamConn(Protocol):
     # A backend may answer early and close its reading side: keep reading what it sent.
     read_after_write_error = True
 
-    def __init__(self, ctx: ProxyContext, backend: Backend, settings: Settings) -> None:
-        """Start connecting to ``backend``. Raises OSError when no socket can be made (EMFILE)."""
+    def __init__(self, ctx: ProxyContext, backend: Backend, settings: Settings, preamble: bytes = b"") -> None:
+        """Start connecting to ``backend`` (over TLS if it has a connector; ``preamble``, a PROXY protocol
+        header, first). Raises OSError when no socket can be made (EMFILE)."""
         self.ctx = ctx
         # The settings of the exchange it serves (the client side's: a reload applies from the next
         # request on).
@@ -100,7 +101,9 @@ class UpstreamConn(Protocol):
         self.down: Optional[Downstream] = None
         self.hbuf = HeadBuffer(settings.max_response_head, RESPONSE)
         self.body: Optional[BodyRelay] = None
-        self.keep = True
+        # A connection that began with a PROXY header names one client: it is never pooled for another
+        # (HAProxy keeps such connections private to their client session).
+        self.keep = not preamble
         self.reused = False
         self.got_bytes = False
         self.last_active = now
@@ -111,7 +114,8 @@ class UpstreamConn(Protocol):
         self.sent_at = now
         self.read_full = False   # the last recv() filled its buffer: more bytes may be waiting
         self.state = U_CONNECTING
-        self.tr = tr = connect(ctx.reactor, backend.family, backend.sockaddr, self, UPSTREAM_RECV_SIZE)
+        self.tr = tr = connect(ctx.reactor, backend.family, backend.sockaddr, self, UPSTREAM_RECV_SIZE,
+                               tls=backend.tls, preamble=preamble)
         self.peek_poll = readable_poll(tr.fd)  # the idle pool looks with it before reuse
         tr.arm(now + settings.connect_timeout)
 
@@ -188,15 +192,15 @@ class UpstreamConn(Protocol):
             ex.t_connected = now
         self.tr.arm(now + self.settings.backend_timeout)
 
-    def connect_failed(self, err: int) -> None:
-        self._connect_failed(F_CONNECT_REFUSED, err)
+    def connect_failed(self, err: int, reason: str = "") -> None:
+        self._connect_failed(F_CONNECT_REFUSED, err, reason)
 
-    def _connect_failed(self, why: int, err: int) -> None:
+    def _connect_failed(self, why: int, err: int, reason: str = "") -> None:
         backend = self.backend
         backend.record_failure()
         self.ctx.outliers.failure(backend, "connect")
         log.warning("backend %s (%s): connect failed: %s", backend.name, backend.config.address,
-                    "timed out" if why == F_CONNECT_TIMEOUT else errno.errorcode.get(err, str(err)))
+                    "timed out" if why == F_CONNECT_TIMEOUT else reason or errno.errorcode.get(err, str(err)))
         down = self._detach()
         # The unsent bytes go back with the failure, so that they can go to another backend.
         pending, nbytes = self.tr.take_queue()
