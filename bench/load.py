@@ -44,7 +44,12 @@ SCENARIOS: Dict[str, Tuple[str, List[str], str]] = {
     "1m": ("/1m", [], "1 MiB responses, keep-alive"),
     "workers": ("/", [], "small response, keep-alive: balrs with workers = 1 and workers = 2, nothing pinned"),
     "strategies": ("/", [], "small response, keep-alive: balrs with every strategy (health bookkeeping on)"),
+    # TLS termination (ECDSA P-256, the same certificate for both proxies; plain HTTP to the backends).
+    "t1": ("/", [], "TLS: small response, keep-alive"),
+    "t2": ("/", ["-H", "Connection: close"], "TLS: small response, a new TLS connection (full handshake) per request"),
+    "t3": ("/1m", [], "TLS: 1 MiB responses, keep-alive"),
 }
+TLS_SCENARIOS = ("t1", "t2", "t3")
 # Not in the default run (--only strategies): nine more balrs runs.
 DEFAULT_SCENARIOS = ["small", "close", "64k", "1m", "workers"]
 STRATEGIES = ["round_robin", "least_connections", "weighted_least_connections", "least_response_time",
@@ -129,10 +134,14 @@ def pin(cpu: Optional[int], argv: List[str]) -> List[str]:
     return ["taskset", "-c", str(cpu)] + argv
 
 
-def http_get(port: int, path: str, timeout: float = 10.0) -> Tuple[int, bytes]:
-    """One GET on a fresh connection, with Connection: close; (status, body)."""
+def http_get(port: int, path: str, timeout: float = 10.0, tls: bool = False) -> Tuple[int, bytes]:
+    """One GET on a fresh connection, with Connection: close; (status, body). ``tls``: over TLS, the
+    certificate not verified (the benchmark's own)."""
     import http.client
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    import ssl
+    conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                        context=ssl._create_unverified_context()) if tls
+            else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout))
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         r = conn.getresponse()
@@ -283,9 +292,9 @@ def parse_wrk(out: str) -> dict:
 
 
 def run_wrk(port: int, path: str, extra: List[str], seconds: int, connections: int,
-            cpu: Optional[int]) -> Tuple[dict, str]:
+            cpu: Optional[int], tls: bool = False) -> Tuple[dict, str]:
     argv = pin(cpu, ["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--timeout", "10s", "--latency"]
-               + extra + ["http://127.0.0.1:%d%s" % (port, path)])
+               + extra + ["%s://127.0.0.1:%d%s" % ("https" if tls else "http", port, path)])
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          start_new_session=True, text=True)
     try:
@@ -358,7 +367,7 @@ defaults
     timeout http-keep-alive 120s
 
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{ssl}
     maxconn 8000
     default_backend be
 
@@ -369,7 +378,7 @@ backend be
 
 BALRS_INI = """\
 [balancer]
-listen = 127.0.0.1:{port}
+listen = 127.0.0.1:{port}{tls_flag}
 strategy = {strategy}
 connect_timeout = 5s
 header_timeout = 30s
@@ -379,6 +388,7 @@ max_connections = 10000
 drain_timeout = 2s
 workers = {workers}
 
+{tls}
 {backends}
 {routes}"""
 
@@ -465,24 +475,42 @@ class Bench:
         for port in self.backend_ports:
             self.check_target("backend %d" % port, port)
 
-    def check_target(self, label: str, port: int) -> None:
+    def check_target(self, label: str, port: int, tls: bool = False) -> None:
         for path, size in [("/", len(SMALL_BODY))] + list(SIZES.items()):
-            status, body = http_get(port, path)
+            status, body = http_get(port, path, tls=tls)
             if status != 200 or len(body) != size:
                 raise RuntimeError("%s: GET %s gave %d with %d bytes (expected 200 with %d)"
                                    % (label, path, status, len(body), size))
 
     # proxies ----------------------------------------------------------------------------------------
 
+    def certificate(self) -> Tuple[str, str, str]:
+        """(cert, key, cert+key) files: one ECDSA P-256 certificate both proxies serve."""
+        crt, key, pem = (os.path.join(self.tmp, n) for n in ("bench.crt", "bench.key", "bench.pem"))
+        if not os.path.exists(pem):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-days", "2", "-subj", "/CN=localhost", "-addext",
+                            "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", crt],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+            with open(pem, "wb") as f:
+                f.write(open(crt, "rb").read() + open(key, "rb").read())
+        return crt, key, pem
+
     def start_balrs(self, tag: str, workers: int = 1, cpu: Optional[int] = -1,
-                    strategy: str = "round_robin", checkout: str = ROOT) -> Tuple[subprocess.Popen, int, str]:
+                    strategy: str = "round_robin", checkout: str = ROOT,
+                    tls: bool = False) -> Tuple[subprocess.Popen, int, str]:
         port = free_port()
         backends = "\n".join("[backend b%d]\naddress = 127.0.0.1:%d\n" % (i + 1, p)
                              for i, p in enumerate(self.backend_ports))
         ini = os.path.join(self.tmp, "lb-%s.ini" % tag)
         with open(ini, "w") as f:
+            tls_section = ""
+            if tls:
+                crt, key, _pem = self.certificate()
+                tls_section = "[tls]\ncert = %s\nkey = %s\n" % (crt, key)
             f.write(BALRS_INI.format(port=port, backends=backends, workers=workers, strategy=strategy,
-                                     routes=route_sections(self.args.routes if checkout == ROOT else 0)))
+                                     routes=route_sections(self.args.routes if checkout == ROOT else 0),
+                                     tls_flag=" tls" if tls else "", tls=tls_section))
         log = os.path.join(self.tmp, "balrs-%s.log" % tag)
         # `python -m balrs` in the checkout's directory runs that tree's balrs.
         p = self.procs.start(pin(self.proxy_cpu if cpu == -1 else cpu, [sys.executable, "-m", "balrs", ini]),
@@ -490,13 +518,14 @@ class Bench:
         wait_listening(port, p)
         return p, port, log
 
-    def start_haproxy(self, tag: str) -> Tuple[subprocess.Popen, int, str]:
+    def start_haproxy(self, tag: str, tls: bool = False) -> Tuple[subprocess.Popen, int, str]:
         port = free_port()
         servers = "\n".join("    server b%d 127.0.0.1:%d maxconn 4000" % (i + 1, p)
                             for i, p in enumerate(self.backend_ports))
         cfg = os.path.join(self.tmp, "haproxy-%s.cfg" % tag)
         with open(cfg, "w") as f:
-            f.write(HAPROXY_CFG.format(port=port, servers=servers))
+            f.write(HAPROXY_CFG.format(port=port, servers=servers,
+                                       ssl=" ssl crt %s alpn http/1.1" % self.certificate()[2] if tls else ""))
         log = os.path.join(self.tmp, "haproxy-%s.log" % tag)
         p = self.procs.start(pin(self.proxy_cpu, ["haproxy", "-db", "-f", cfg]), log)
         wait_listening(port, p)
@@ -506,6 +535,7 @@ class Bench:
 
     def measure(self, target: str, scenario: str) -> dict:
         path, extra, _desc = SCENARIOS[scenario]
+        tls = scenario in TLS_SCENARIOS
         args = self.args
         proc: Optional[subprocess.Popen] = None
         log = None
@@ -513,9 +543,9 @@ class Bench:
         if target == "direct":
             port = self.backend_ports[0]
         elif target == "balrs":
-            proc, port, log = self.start_balrs(scenario)
+            proc, port, log = self.start_balrs(scenario, tls=tls)
         elif target == "base":
-            proc, port, log = self.start_balrs(scenario + "-base", checkout=self.args.baseline)
+            proc, port, log = self.start_balrs(scenario + "-base", checkout=self.args.baseline, tls=tls)
         elif target in STRATEGIES:
             proc, port, log = self.start_balrs(scenario + "-" + target, strategy=target)
         elif target in WORKER_TARGETS:
@@ -523,12 +553,12 @@ class Bench:
             proc, port, log = self.start_balrs(scenario + target, workers=int(target[1:]), cpu=None)
             load_cpu = None
         else:
-            proc, port, log = self.start_haproxy(scenario)
+            proc, port, log = self.start_haproxy(scenario, tls=tls)
         result: dict = {}
         try:
             if proc is not None:
-                self.check_target(target, port)
-            run_wrk(port, path, extra, args.warmup, args.connections, load_cpu)  # warm-up
+                self.check_target(target, port, tls)
+            run_wrk(port, path, extra, args.warmup, args.connections, load_cpu, tls)  # warm-up
             pid = proc.pid if proc is not None else None
             tree = [pid] + _children(pid) if pid else []
             cpu0 = _tree_cpu(tree) if pid else None
@@ -537,12 +567,12 @@ class Bench:
             with NoiseMeter(ours) as noise:
                 if pid:
                     with RssSampler(pid) as sampler:
-                        result, out = run_wrk(port, path, extra, args.duration, args.connections, load_cpu)
+                        result, out = run_wrk(port, path, extra, args.duration, args.connections, load_cpu, tls)
                     result["peak_rss_mib"] = sampler.max_kib / 1024
                     hwm = read_status_kib(pid, "VmHWM")
                     result["vm_hwm_mib"] = hwm / 1024 if hwm is not None else None
                 else:
-                    result, out = run_wrk(port, path, extra, args.duration, args.connections, load_cpu)
+                    result, out = run_wrk(port, path, extra, args.duration, args.connections, load_cpu, tls)
             elapsed = time.monotonic() - t0
             result["other_cpu_percent"] = noise.other_percent
             result["steal_percent"] = noise.steal_percent
@@ -581,6 +611,7 @@ class Bench:
         for name in args.only:
             results[name] = {}
             targets = (WORKER_TARGETS if name == "workers" else STRATEGIES if name == "strategies"
+                       else [t for t in all_targets if t != "direct"] if name in TLS_SCENARIOS  # plain backends
                        else all_targets)
             for target in targets:
                 print("  %-6s %-8s ..." % (name, target), end="", flush=True)
