@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from .certnames import CertError, cert_names
 from .config import BackendConfig, Config, ConfigError, TLSConfig
 from .reactor import EVENT_READ, EVENT_WRITE, Reactor
-from .transport import _NEVER, HIGH_WATER, LOW_WATER, Chunk, Protocol, Transport
+from .transport import _NEVER, LOW_WATER, Protocol, Transport
 
 __all__ = ["ServerTLS", "ClientTLS", "TLSTransport", "EdgeTLS", "load_tls", "TLS_WRITE_COALESCE"]
 
@@ -376,31 +376,9 @@ class TLSTransport(Transport):
             self.reactor.call_soon(self._read_pending)
 
     # ---- writing ----
-    def write(self, data: Chunk) -> None:
-        if self.wr_closed:
-            return
-        if self.out_bytes or self.connecting:
-            self.out.append(data)
-            self.out_bytes += len(data)
-        else:
-            try:
-                n = self.sock.send(data)
-            except _WANT:
-                n = 0
-            except OSError as exc:
-                self._send_failed(exc)
-                return
-            left = len(data) - n
-            if not left:
-                return
-            # After a WANT, OpenSSL expects the same bytes again: the queue's head keeps them.
-            self.out.append(memoryview(data)[n:] if n else data)
-            self.out_bytes = left
-            self._set_events(self.events | EVENT_WRITE)
-            self.last_write = self.reactor.now
-            self.protocol.write_queued()
-        if self.out_bytes > HIGH_WATER:
-            self.protocol.pause_writing()
+    # Transport.write as is: after a WANT, OpenSSL expects the same bytes again, and the queue's head
+    # keeps them (the rest of the piece, or the piece itself when nothing was taken).
+    _WOULD_BLOCK = _WANT
 
     def _flush(self) -> None:
         out = self.out

@@ -29,7 +29,7 @@ import errno
 import socket
 from collections import deque
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Deque, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Deque, List, Optional, Tuple, Type, Union
 from typing import Protocol as TypingProtocol
 
 from .reactor import EVENT_READ, EVENT_WRITE, IOCallback, Reactor
@@ -117,6 +117,10 @@ class Transport:
     out: Deque[Chunk]
     out_bytes: int
     timer: Optional[Timer]
+
+    # What a send that would block raises (a TLS transport adds OpenSSL's "want read/write"); looked up
+    # only when a send raises.
+    _WOULD_BLOCK: Tuple[Type[BaseException], ...] = (BlockingIOError, InterruptedError)
 
     def __init__(self, reactor: Reactor, sock: socket.socket, protocol: Protocol, read_size: int = 65536,
                  connecting: bool = False, reading: bool = True) -> None:
@@ -299,7 +303,7 @@ class Transport:
         else:
             try:
                 n = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except self._WOULD_BLOCK:
                 n = 0
             except OSError as exc:
                 self._send_failed(exc)
