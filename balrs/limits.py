@@ -92,7 +92,8 @@ class ClientBuckets:
         if rate <= 0:
             raise ValueError("rate must be > 0")
         self.rate = float(rate)
-        self.burst = float(burst) if burst > 0 else float(rate)
+        # At least one token: a bucket that can never hold a whole one would refuse every request.
+        self.burst = max(1.0, float(burst) if burst > 0 else float(rate))
         self.max_clients = max_clients
         # address -> [tokens, time of that count]; least recently used first
         self._b: "OrderedDict[str, List[float]]" = OrderedDict()

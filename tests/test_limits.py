@@ -70,6 +70,13 @@ def test_bucket_default_burst_is_the_rate() -> None:
     assert sum(cb.take("a", 1.0) == 0.0 for _ in range(10)) == 3
 
 
+def test_bucket_below_one_per_second_still_admits() -> None:
+    cb = ClientBuckets(rate=0.5)  # burst defaults to the rate, but a bucket holds at least one token
+    assert cb.take("a", 1.0) == 0.0
+    assert cb.take("a", 1.0) == pytest.approx(2.0)
+    assert cb.take("a", 3.0) == 0.0
+
+
 def test_buckets_bounded_evict_only_full() -> None:
     cb = ClientBuckets(rate=1.0, burst=2.0, max_clients=3)
     t = 10.0
