@@ -72,6 +72,12 @@ DEFAULT_SEND_TIMEOUT = 60.0  # nginx `send_timeout 60s`: a client stops reading 
 DEFAULT_SLOW_START = 0.0  # off, like HAProxy `slowstart` and nginx Plus `slow_start` (both unset by default)
 DEFAULT_EJECT_AFTER = 5  # Envoy outlier detection `consecutive_gateway_failure` 5
 DEFAULT_EJECT_COOLDOWN = 10.0  # nginx `fail_timeout 10s`; Envoy `base_ejection_time` 30s
+# Traffic policy ([balancer], overridable per [pool] except the per-client limits and the secret)
+DEFAULT_RETRY_ON = ("connect-failure",)  # HAProxy `retry-on conn-failure` (its default); nginx `error`
+DEFAULT_RETRY_BUDGET = 0.2  # Envoy retry_budget budget_percent 20%
+DEFAULT_PANIC_THRESHOLD = 0.0  # off (Envoy healthy_panic_threshold defaults to 50%; opt-in here)
+DEFAULT_STICKY = ""  # off; "NAME" = cookie insertion with that cookie name
+RETRY_CONDITIONS = ("connect-failure", "empty-response", "timeout", "502", "503", "504")
 
 # [health]: HAProxy server check defaults
 DEFAULT_HEALTH_PATH = "/health"
@@ -172,6 +178,12 @@ class PoolConfig:
     backup: str | None = None  # the pool used while no backend of this one is eligible
     health: str = ""
     line: int = 0  # line of the [pool NAME] header (0: implicit)
+    # Traffic policy (None: [balancer]'s): retry conditions, retry budget (share of requests), panic
+    # threshold (share of backends up), sticky cookie name ("" = off).
+    retry_on: tuple[str, ...] | None = None
+    retry_budget: float | None = None
+    panic_threshold: float | None = None
+    sticky: str | None = None
 
 
 @dataclass(frozen=True)
@@ -277,6 +289,16 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     forwarded: bool = False
     tls: TLSConfig | None = None
+    # Traffic policy: [pool] sections may override the first four (PoolConfig); the per-client limits
+    # and the sticky secret are balancer-wide.
+    retry_on: tuple[str, ...] = DEFAULT_RETRY_ON
+    retry_budget: float = DEFAULT_RETRY_BUDGET
+    panic_threshold: float = DEFAULT_PANIC_THRESHOLD
+    sticky: str = DEFAULT_STICKY
+    sticky_secret: str = ""
+    client_rate: float = 0.0
+    client_burst: int = 0
+    client_connections: int = 0
 
 
 class ConfigError(ValueError):
@@ -592,6 +614,64 @@ def _parse_send_proxy(text: str) -> str:
     if s not in SEND_PROXY_VERSIONS:
         raise ValueError(f"unknown PROXY protocol version {text.strip()!r} (expected off, v1 or v2)")
     return s
+
+
+def _parse_retry_on(text: str) -> tuple[str, ...]:
+    """A comma list of retry conditions (``none`` for no retries at all), in the canonical order."""
+    words = [w.strip().lower() for w in text.split(",")]
+    if words == ["none"] or words == ["off"]:
+        return ()
+    out = set()
+    for w in words:
+        if not w:
+            raise ValueError("empty item in the list")
+        if w not in RETRY_CONDITIONS:
+            names = ", ".join(RETRY_CONDITIONS)
+            raise ValueError(f"unknown retry condition {w!r} (expected a comma list of {names}, or none)")
+        out.add(w)
+    return tuple(c for c in RETRY_CONDITIONS if c in out)
+
+
+def _parse_percent(text: str) -> float:
+    """``20%`` (or ``20``) as the share 0.2; 0..100%."""
+    s = text.strip()
+    digits = s[:-1].strip() if s.endswith("%") else s
+    if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,6})?", digits):
+        raise ValueError(f"expected a percentage such as 20% (got {s!r})")
+    value = float(digits)
+    if value > 100:
+        raise ValueError(f"must be 0%..100% (got {s})")
+    return value / 100.0
+
+
+def _parse_sticky(text: str) -> str:
+    """``off`` ("") or ``cookie:NAME`` (NAME, a cookie name: an HTTP token)."""
+    s = text.strip()
+    if s.lower() in ("off", "no", "none"):
+        return ""
+    kind, colon, name = s.partition(":")
+    if kind.strip().lower() != "cookie" or not colon:
+        raise ValueError(f"expected off or cookie:NAME (got {s!r})")
+    name = name.strip()
+    if not name:
+        raise ValueError("cookie needs a name, e.g. cookie:LBSID")
+    if not _TOKEN_RE.fullmatch(name):
+        raise ValueError(f"cookie name {name!r} is not a valid token (RFC 6265)")
+    return name
+
+
+def _parse_secret(text: str) -> str:
+    s = text.strip()
+    if len(s) < 16:
+        raise ValueError("must be at least 16 characters (it keys the sticky cookie ids)")
+    return s
+
+
+def _parse_rate(text: str) -> float:
+    s = text.strip()
+    if not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,6})?", s):
+        raise ValueError(f"expected requests per second, such as 20 or 0.5 (got {s!r})")
+    return float(s)
 
 
 def _parse_strategy(text: str) -> str:
@@ -1124,6 +1204,14 @@ _BALANCER_KEYS: dict[str, tuple[_Parser, object]] = {
     "eject_cooldown": (_duration(), DEFAULT_EJECT_COOLDOWN),  # extension: first ejection time (doubles)
     "trusted_proxies": (_parse_trusted_proxies, ()),
     "forwarded": (_parse_yes_no, False),
+    "retry_on": (_parse_retry_on, DEFAULT_RETRY_ON),
+    "retry_budget": (_parse_percent, DEFAULT_RETRY_BUDGET),
+    "panic_threshold": (_parse_percent, DEFAULT_PANIC_THRESHOLD),
+    "sticky": (_parse_sticky, DEFAULT_STICKY),
+    "sticky_secret": (_parse_secret, ""),  # extension: the key of the sticky cookie ids
+    "client_rate": (_parse_rate, 0.0),
+    "client_burst": (_int_range(0, 1_000_000_000), 0),
+    "client_connections": (_int_range(0), 0),
 }
 
 _HEALTH_KEYS: dict[str, tuple[_Parser, object]] = {
@@ -1173,6 +1261,10 @@ _POOL_KEYS: dict[str, tuple[_Parser, object]] = {
     "queue_timeout": (_duration(allow_zero=True), None),
     "backup": (_parse_pool_name, None),
     "health": (_parse_health_name, ""),
+    "retry_on": (_parse_retry_on, None),
+    "retry_budget": (_parse_percent, None),
+    "panic_threshold": (_parse_percent, None),
+    "sticky": (_parse_sticky, None),
 }
 
 # [route NAME]: every key defaults to "unset" (the RouteConfig field keeps its default).
