@@ -11,7 +11,9 @@
 - :class:`ClientConnections`: concurrent connections per client address; an entry lives only while the
   client has a connection, so the table is bounded by the connections themselves.
 
-Each operation is O(1). Not yet wired into the data path (issue: traffic policy).
+Each operation is O(1), and none keeps a timer: the state moves on when it is next used.
+
+The retry conditions of ``retry_on`` are bits (``RETRY_*``) so that a pool's set is one integer.
 """
 
 from __future__ import annotations
@@ -19,9 +21,30 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, List
 
-__all__ = ["RetryBudget", "ClientBuckets", "ClientConnections", "MAX_CLIENTS"]
+__all__ = ["RetryBudget", "ClientBuckets", "ClientConnections", "MAX_CLIENTS", "retry_mask",
+           "RETRY_CONNECT", "RETRY_EMPTY", "RETRY_TIMEOUT", "RETRY_502", "RETRY_503", "RETRY_504", "RETRY_STATUS"]
 
 MAX_CLIENTS = 100_000
+
+# retry_on conditions as bits.
+RETRY_CONNECT = 1   # connect refused, unreachable or timed out (nothing reached the backend)
+RETRY_EMPTY = 2     # the backend closed (or reset) before sending any byte of a response
+RETRY_TIMEOUT = 4   # backend_timeout expired before the response head
+RETRY_502 = 8
+RETRY_503 = 16
+RETRY_504 = 32
+# The bit of a response status (index status - 502), for 502..504.
+RETRY_STATUS = (RETRY_502, RETRY_503, RETRY_504)
+_RETRY_BITS = {"connect-failure": RETRY_CONNECT, "empty-response": RETRY_EMPTY, "timeout": RETRY_TIMEOUT,
+               "502": RETRY_502, "503": RETRY_503, "504": RETRY_504}
+
+
+def retry_mask(conditions: "tuple[str, ...]") -> int:
+    """The bits of a ``retry_on`` list (config.RETRY_CONDITIONS names)."""
+    mask = 0
+    for c in conditions:
+        mask |= _RETRY_BITS[c]
+    return mask
 
 
 class RetryBudget:
@@ -64,12 +87,14 @@ class RetryBudget:
             self._sec = sec
         return sec % self.window
 
-    def request(self, now: float) -> None:
-        """Count one request (a first attempt)."""
+    def request(self, now: float, n: int = 1) -> None:
+        """Count ``n`` requests (first attempts) at ``now``. The data path counts requests in a plain
+        integer and hands them over about once a second (``Pool.sync_budget``), so a request costs one
+        addition, not a call."""
         i = self._advance(now)
-        self._req[i] += 1
-        self._req_sum += 1
-        self.requests += 1
+        self._req[i] += n
+        self._req_sum += n
+        self.requests += n
 
     def try_retry(self, now: float) -> bool:
         """Whether one more retry may go now; if so it is counted."""

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, Deque, Dict, List, 
 from .config import (DEFAULT_POOL, DEFAULT_QUEUE_TIMEOUT, DEFAULT_RETRIES, BackendConfig, Config, HealthConfig,
                      PoolConfig)
 from .connpool import IdlePool
+from .limits import RETRY_CONNECT, RetryBudget, retry_mask
+from .sticky import Sticky, sticky_key
 
 if TYPE_CHECKING:
     from .http.heads import RequestHead
@@ -374,6 +376,21 @@ class Pool:
         self.queue_timeout = DEFAULT_QUEUE_TIMEOUT
         self.backup: Optional[Pool] = None
         self.health = ""  # the [health NAME] section probing it ("": [health])
+        # Traffic policy (limits.py, sticky.py): retry_on as bits; the retry budget, fed with the count
+        # of first attempts (``requests``, one addition per request) about once a second
+        # (``budget_at``: when next); the panic threshold (a share of backends up; 0 = off) and
+        # whether the pool is in panic now; the sticky cookie (None = off).
+        self.retry_on = RETRY_CONNECT
+        self.budget = RetryBudget(0.2)
+        self.requests = 0
+        self._budget_synced = 0
+        self.budget_at = 0.0
+        self.retries_total = 0        # every retry (connect failures included)
+        self.panic_threshold = 0.0
+        self.panicking = False
+        self.sticky: Optional[Sticky] = None
+        # With sticky on: the backends in rotation now, for an O(1) check of a cookie's backend.
+        self.rotation: Set[Backend] = set()
 
     def set_backends(self, backends: List[Backend], strategy: str, hash_key: str) -> None:
         """A reload gave this pool these backends (kept ones keep their state): tell the strategy."""
@@ -384,7 +401,10 @@ class Pool:
         if strategy != self.strategy_name or hash_key != self.hash_key:
             self.strategy_name = strategy
             self.hash_key = hash_key
-            self.strategy = self.make_strategy(strategy, self.eligible(), hash_key, self.clock)
+            self.strategy = self.make_strategy(strategy, self._in_rotation(), hash_key, self.clock)
+            if self.sticky is not None:
+                self.sticky.members(self.backends)
+                self.rotation = set(self.strategy.backends)
         else:
             self.refresh()
 
@@ -407,7 +427,68 @@ class Pool:
 
     def refresh(self) -> None:
         """Tell the strategy that health, weights or membership changed."""
-        self.strategy.update(self.eligible())
+        backends = self._in_rotation()
+        self.strategy.update(backends)
+        sticky = self.sticky
+        if sticky is not None:
+            sticky.members(self.backends)
+            self.rotation = set(backends)
+
+    def _in_rotation(self) -> List[Backend]:
+        """The backends the strategy picks among: the eligible ones, or in panic every one of them."""
+        eligible = self.eligible()
+        threshold = self.panic_threshold
+        if not threshold:
+            return eligible
+        candidates = [b for b in self.backends if b.resolved and not b.draining]
+        # Below the threshold, but not when none is up and a backup pool can serve instead.
+        panic = (bool(candidates) and len(eligible) < threshold * len(candidates)
+                 and (bool(eligible) or self.backup is None))
+        if panic != self.panicking:
+            self.panicking = panic
+            if panic:
+                log.warning("pool %s: panic: %d of %d backends up, below panic_threshold %g%%; balancing "
+                            "over all of them", self.name, len(eligible), len(candidates), threshold * 100)
+            else:
+                log.warning("pool %s: out of panic: %d of %d backends up", self.name, len(eligible),
+                            len(candidates))
+        return candidates if panic else eligible
+
+    def set_policy(self, retry_on: Tuple[str, ...], budget: float, panic_threshold: float,
+                   sticky: Optional[Sticky]) -> None:
+        """The pool's traffic policy ([pool] over [balancer]), at start and on every reload. The
+        budget's window carries over a reload."""
+        self.retry_on = retry_mask(retry_on)
+        self.budget.ratio = budget
+        self.panic_threshold = panic_threshold
+        old = self.sticky
+        if sticky is None or old is None or (sticky.name, sticky.key) != (old.name, old.key):
+            self.sticky = sticky
+        if sticky is None:
+            self.rotation = set()
+        self.refresh()
+
+    def sync_budget(self, now: float) -> None:
+        """Hand the requests counted since the last call to the retry budget (once a second)."""
+        n = self.requests - self._budget_synced
+        self._budget_synced = self.requests
+        self.budget.request(now, n)
+        self.budget_at = float(int(now) + 1)
+
+    def try_retry(self, now: float) -> bool:
+        """Whether the retry budget allows one more retry now (counted if so)."""
+        self.sync_budget(now)
+        return self.budget.try_retry(now)
+
+    def choose_sticky(self, req: RequestHead, client_ip: str) -> Tuple[Optional[Backend], bool]:
+        """With a sticky cookie: the backend the request's cookie names while it is in rotation and not
+        full, else the strategy's pick. Returns (backend, whether the response must set the cookie)."""
+        sticky = self.sticky
+        assert sticky is not None
+        b = sticky.wanted(req)
+        if b is not None and b in self.rotation and not b.full:
+            return b, False
+        return self.choose(req, client_ip), True
 
     def by_name(self, name: str) -> Optional[Backend]:
         for b in self.backends:
@@ -557,6 +638,19 @@ class Pools:
             by_name[pc.name] = pool
         for pc in configs:
             by_name[pc.name].backup = by_name.get(pc.backup) if pc.backup else None
+        key: Optional[bytes] = None
+        for pc in configs:
+            cookie = pc.sticky if pc.sticky is not None else config.sticky
+            sticky = None
+            if cookie:
+                if key is None:
+                    key = sticky_key(config.sticky_secret, (b.name for b in config.backends))
+                sticky = Sticky(cookie, key)
+            by_name[pc.name].set_policy(
+                pc.retry_on if pc.retry_on is not None else config.retry_on,
+                pc.retry_budget if pc.retry_budget is not None else config.retry_budget,
+                pc.panic_threshold if pc.panic_threshold is not None else config.panic_threshold,
+                sticky)
         for name, pool in self.named.items():
             if name not in by_name:
                 # A removed pool: no backends; its waiting requests try again and time out.
