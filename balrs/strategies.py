@@ -251,13 +251,17 @@ class RoundRobin(Strategy):
 
     def choose_excluding(self, req: RequestHead, client_ip: str,
                          exclude: Collection[Backend]) -> Optional[Backend]:
-        # Walk on along the cycle, so a retry goes to the next backend in round-robin order.
+        # The next backend of the cycle not excluded, without moving the cycle on: a retry goes to
+        # the backend next in round-robin order, and the requests after it keep their alternation
+        # (a failing backend does not take every other backend's turn by being retried).
         seq = self._seq
         if not seq:
             return super().choose_excluding(req, client_ip, exclude)
-        for _ in range(len(seq)):
-            b = self.choose(req, client_ip)
-            if b is not None and b not in exclude:
+        n = len(seq)
+        pos = self._pos
+        for k in range(n):
+            b = seq[(pos + k) % n]
+            if b not in exclude:
                 return b
         return None
 
