@@ -368,6 +368,9 @@ class Pool:
         self.queued = 0   # live tickets in the queue
         self._wake_scheduled = False
         self.limited = any(b.max_connections for b in self.backends)
+        # The strategy's pick is the choice (no slot limit, no sticky cookie): the request path asks
+        # the strategy directly.
+        self.direct = not self.limited
         # Backends a reload removed while they still had requests in flight (reported as "drain").
         self.retired: List[Backend] = []
         # Pool policy ([pool NAME] over [balancer]; Pools sets them), and the pool used while none of
@@ -398,6 +401,7 @@ class Pool:
         for b in backends:
             b.owner = self
         self.limited = any(b.max_connections for b in backends)
+        self.direct = not self.limited and self.sticky is None
         if strategy != self.strategy_name or hash_key != self.hash_key:
             self.strategy_name = strategy
             self.hash_key = hash_key
@@ -466,6 +470,7 @@ class Pool:
             self.sticky = sticky
         if sticky is None:
             self.rotation = set()
+        self.direct = not self.limited and self.sticky is None
         self.refresh()
 
     def sync_budget(self, now: float) -> None:

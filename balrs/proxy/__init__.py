@@ -3,8 +3,8 @@ they share (``exchange``). See docs/architecture.md for how a request flows thro
 
 from __future__ import annotations
 
-from .client import ClientConn
+from .client import ClientConn, OverLimitClient
 from .exchange import Exchange, ProxyContext
 from .upstream import UPSTREAM_RECV_SIZE, UpstreamConn
 
-__all__ = ["ClientConn", "UpstreamConn", "Exchange", "ProxyContext", "UPSTREAM_RECV_SIZE"]
+__all__ = ["ClientConn", "OverLimitClient", "UpstreamConn", "Exchange", "ProxyContext", "UPSTREAM_RECV_SIZE"]

@@ -15,6 +15,7 @@ deadline of the current state has really passed (Netty's IdleStateHandler).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Deque, FrozenSet, List, Optional, Tuple, Union
 
@@ -29,13 +30,14 @@ from ..http.errors import ProtocolError
 from ..http.framing import BodyRelay, client_framing
 from ..http.heads import CHUNKED, LENGTH, NO_BODY, HeadBuffer, RequestHead, ResponseHead, parse_request_head
 from ..http.paths import needs_normalising, normalise_target
+from ..limits import RETRY_CONNECT, RETRY_EMPTY, RETRY_TIMEOUT, ClientConnections
 from ..routing import ACT_POOL, ACT_REDIRECT, Route, match_host
 from ..settings import CLIENT_RECV_SIZE
 from ..transport import Chunk, Protocol
 from .exchange import (
-    END_BACKEND_ERROR, END_BACKEND_TIMEOUT, END_CLIENT_ABORT, END_CLIENT_TIMEOUT, END_INTERNAL,
+    END_BACKEND_ERROR, END_BACKEND_TIMEOUT, END_CLIENT_ABORT, END_CLIENT_TIMEOUT, END_INTERNAL, END_LIMITED,
     END_NO_BACKEND, END_NO_ROUTE, END_OK, END_QUEUE_TIMEOUT, END_REJECTED, END_SHUTDOWN, END_TUNNEL, F_CONNECT_REFUSED,
-    F_CONNECT_TIMEOUT, F_INTERNAL, F_STALE, F_TIMEOUT, Attempts, Exchange, ProxyContext,
+    F_CONNECT_TIMEOUT, F_EMPTY, F_INTERNAL, F_STALE, F_TIMEOUT, REPLAY_MAX, Attempts, Exchange, HeadEdit, ProxyContext,
 )
 from .upstream import UpstreamConn
 
@@ -43,8 +45,9 @@ if TYPE_CHECKING:
     import socket
 
     from ..pool import Backend, Pool, Ticket
+    from ..sticky import Sticky
 
-__all__ = ["ClientConn"]
+__all__ = ["ClientConn", "OverLimitClient"]
 
 log = logging.getLogger("balrs")
 
@@ -92,10 +95,11 @@ class ClientConn(Protocol):
         "ctx", "settings", "tr", "inbuf", "client_ip", "client_ip_b", "suffix", "peer", "xf", "proto", "ex",
         "req_bytes", "body", "upstream",
         "close_after", "eof", "idle_since", "head_start", "last_read", "processing", "linger_start",
-        "linger_bytes", "paused_for_pipeline", "queued_at", "ticket", "state", "__weakref__",
+        "linger_bytes", "paused_for_pipeline", "queued_at", "ticket", "state", "counted", "__weakref__",
     )
 
-    def __init__(self, ctx: ProxyContext, sock: socket.socket, client_ip: str, peer: Optional[Peer] = None) -> None:
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, client_ip: str, peer: Optional[Peer] = None,
+                 counted: Optional[ClientConnections] = None) -> None:
         self.ctx = ctx
         # The settings of the request in progress: taken from the context when a request starts, so a
         # reload applies from the next request on, never half-way through one.
@@ -129,6 +133,8 @@ class ClientConn(Protocol):
         self.paused_for_pipeline = False
         self.queued_at = 0.0
         self.ticket: Optional[Ticket] = None   # our place in the pool's queue while C_QUEUED
+        # The client_connections table this connection is counted in (None: not counted).
+        self.counted = counted
         self.tr = tr = peer.accept(ctx.reactor, sock, self, CLIENT_RECV_SIZE)
         tr.arm(now + ctx.settings.client_timeout)
 
@@ -300,6 +306,16 @@ class ClientConn(Protocol):
             self.body = (BodyRelay(CHUNKED, CHUNKED, 0,
                                    ChunkedDecoder(settings.max_body_bytes, settings.max_header_bytes, 400))
                          if req.framing == CHUNKED else BodyRelay(LENGTH, LENGTH, req.length))
+            if req.idempotent and (req.framing == CHUNKED or req.length <= REPLAY_MAX):
+                # A small body of a request that may be retried is kept until the exchange ends.
+                ex.kept = []
+                ex.kept_bytes = 0
+        buckets = ctx.buckets
+        if buckets is not None:
+            wait = buckets.take(client_ip, now)
+            if wait:
+                self._limited(0, wait)
+                return
         router = ctx.router
         if router is None:
             pool = ctx.default_pool
@@ -319,7 +335,8 @@ class ClientConn(Protocol):
                 if pool is None:
                     return
         ex.pool_ref = pool
-        backend = pool.choose(req, client_ip) if pool.limited else pool.strategy.choose(req, client_ip)
+        pool.requests += 1  # the retry budget's count of requests
+        backend = pool.strategy.choose(req, client_ip) if pool.direct else self._choose(ex, pool, req, client_ip)
         if backend is None:
             if pool.all_full():
                 self._enqueue()
@@ -338,6 +355,46 @@ class ClientConn(Protocol):
                 self._reply_error(503, END_NO_BACKEND)
                 return
         self._dispatch(backend)
+
+    def _choose(self, ex: Exchange, pool: Pool, req: RequestHead, client_ip: str) -> Optional[Backend]:
+        """The pool's choice when it has a slot limit or a sticky cookie (else the strategy's alone)."""
+        sticky = pool.sticky
+        if sticky is None:
+            return pool.choose(req, client_ip)
+        backend, reset = pool.choose_sticky(req, client_ip)
+        if backend is not None and reset:
+            self._set_cookie(ex, sticky, backend)
+        return backend
+
+    def _set_cookie(self, ex: Exchange, sticky: Sticky, backend: Backend) -> None:
+        """The response will make the client stick to ``backend`` (with the route's edits, if any)."""
+        line = sticky.set_cookie.get(backend)
+        if line is None:
+            return
+        route = ex.route_ref
+        if route is not None and route.modifies_response:
+            ex.edit = HeadEdit(route.response_remove, route.response_extra + line)
+        else:
+            ex.edit = HeadEdit(frozenset(), line)
+
+    def _limited(self, which: int, wait: float) -> None:
+        """Over a per-client limit: 429 with Retry-After (RFC 6585 §4). ``which``: 0 client_rate (the
+        connection stays usable), 1 client_connections (closed after the answer)."""
+        ex = self.ex
+        assert ex is not None
+        self.ctx.limited[which] += 1
+        log.debug("client %s: over %s", ex.client, "client_rate" if which == 0 else "client_connections")
+        if which or not ex.request_done:
+            self.close_after = True
+        data = self._error_bytes(429, self.close_after)
+        i = data.index(b"\r\n") + 2
+        data = b"%sRetry-After: %d\r\n%s" % (data[:i], max(1, math.ceil(wait)), data[i:])
+        self.write(data)
+        self._end(END_LIMITED)
+        if which:
+            self._finish(True)
+        else:
+            self._next_request()
 
     def _route(self, ex: Exchange, req: RequestHead, match_path: bytes) -> Optional[Pool]:
         """Match the routes: the pool the request goes to, or None when it is answered already (by the
@@ -405,13 +462,7 @@ class ClientConn(Protocol):
         assert ex is not None
         req = ex.req
         assert req is not None
-        if (ex.request_id is None and not self.xf and not self.settings.forwarded
-                and (ex.route_ref is None or (ex.fwd_target is None and ex.edit is None))):
-            data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header, b"", None, None,
-                                         XF_APPEND, self.proto)
-        else:
-            data = self._upstream_head(ex, req, backend)
-        self.req_bytes = data
+        self.req_bytes = data = self._head_for(ex, req, backend)
         up = backend.idle.take()
         if up is not None:
             self.upstream = up
@@ -420,6 +471,14 @@ class ClientConn(Protocol):
             self._send_to(backend, data, len(data), True)
         if self.state == C_BODY and self.inbuf.buf:
             self._body_data(self.inbuf.take())
+
+    def _head_for(self, ex: Exchange, req: RequestHead, backend: Backend) -> bytes:
+        """The request head as ``backend`` gets it."""
+        if (ex.request_id is None and not self.xf and not self.settings.forwarded
+                and (ex.route_ref is None or (ex.fwd_target is None and ex.edit is None))):
+            return upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header, b"", None, None,
+                                         XF_APPEND, self.proto)
+        return self._upstream_head(ex, req, backend)
 
     def _upstream_head(self, ex: Exchange, req: RequestHead, backend: Backend) -> bytes:
         """The upstream head of a request with something to add or remove: a request id, a route's path
@@ -475,7 +534,7 @@ class ClientConn(Protocol):
             return True
         pool = ex.pool_ref
         assert pool is not None
-        backend = pool.choose(ex.req, ex.client)
+        backend = self._choose(ex, pool, ex.req, ex.client)
         if backend is None:
             return False
         self.queued_at = 0.0
@@ -544,7 +603,15 @@ class ClientConn(Protocol):
         ex.bytes_in += used
         up = self.upstream
         if up is not None and parts:
-            up.write_body(parts[0] if len(parts) == 1 else b"".join(parts))
+            out = parts[0] if len(parts) == 1 else b"".join(parts)
+            kept = ex.kept
+            if kept is not None:
+                ex.kept_bytes += len(out)
+                if ex.kept_bytes <= REPLAY_MAX:
+                    kept.append(bytes(out))
+                else:
+                    ex.kept = None  # too large to keep: this request is not retried once bytes left
+            up.write_body(out)
             if self.state != C_BODY:
                 return
         if not body.done:
@@ -711,34 +778,98 @@ class ClientConn(Protocol):
                 log.info("backend %s: trying its next address %s", backend.name, backend.sockaddr[0])
                 self._send_to(backend, pending, nbytes, True)
                 return
-            # Nothing reached a backend: the unsent bytes can go to another one.
-            tried = failed.tried
-            tried.append(backend)
             if why == F_CONNECT_TIMEOUT:
                 failed.timeouts += 1
-            pool = ex.pool_ref
-            assert pool is not None
-            if len(tried) <= pool.retries:
-                other = pool.choose(req, ex.client, tried)
-                if other is not None and pending is not None:
-                    log.info("connect to %s failed, retrying on %s", backend.name, other.name)
-                    failed.retries += 1
-                    self._send_to(other, pending, nbytes, False)
-                    return
+            if not failed.tried or failed.tried[-1] is not backend:
+                failed.tried.append(backend)
+            # Nothing reached a backend: the unsent bytes can go to another one.
+            other = self.retry_target(RETRY_CONNECT) if pending is not None else None
+            if other is not None and pending is not None:
+                log.info("connect to %s failed, retrying on %s", backend.name, other.name)
+                self._sticky_moved(ex, other)
+                self._send_to(other, pending, nbytes, False)
+                return
             # RFC 9110 §15.6.5: every try timed out -> 504; otherwise nothing could be connected -> 502.
-            if failed.timeouts == len(tried):
+            if failed.timeouts == len(failed.tried):
                 self._reply_error(504, END_BACKEND_TIMEOUT)
             else:
                 self._reply_error(502, END_BACKEND_ERROR)
-        elif why == F_STALE and req.idempotent and req.framing == NO_BODY:
+            return
+        if why == F_STALE and req.idempotent and req.framing == NO_BODY:
             # A pooled connection the backend had already closed: resend on a fresh one.
             self._send_to(backend, self.req_bytes, len(self.req_bytes), True)
-        elif why == F_TIMEOUT:
+            return
+        if why == F_STALE or why == F_EMPTY or why == F_TIMEOUT:
+            other = self.retry_target(RETRY_TIMEOUT if why == F_TIMEOUT else RETRY_EMPTY)
+            if other is not None:
+                log.debug("backend %s %s; retrying on %s", backend.name,
+                          "timed out" if why == F_TIMEOUT else "closed without answering", other.name)
+                self.resend(other)
+                return
+        if why == F_TIMEOUT:
             self._reply_error(504, END_BACKEND_TIMEOUT)
         elif why == F_INTERNAL:
             self._reply_error(500, END_INTERNAL)
         else:
             self._reply_error(502, END_BACKEND_ERROR)
+
+    def retry_target(self, condition: int) -> Optional[Backend]:
+        """After an attempt failed with ``condition`` (a retry_on bit) before anything of its response
+        reached the client: the backend to try next, or None when the failure goes to the client. The
+        pool's retry_on must list the condition; other than connect-failure the method must be
+        idempotent and the body (if any) kept; ``retries`` bounds the retries of the exchange, each on
+        a backend it has not tried yet; and the retry budget must allow it (connect failures are not
+        charged to it: nothing reached the backend). A retry is counted here."""
+        ex = self.ex
+        if ex is None or ex.resp_started or self.state >= C_TUNNEL:
+            return None
+        req = ex.req
+        pool = ex.pool_ref
+        if req is None or pool is None or not pool.retry_on & condition:
+            return None
+        if condition != RETRY_CONNECT and not (req.idempotent and (ex.kept is not None or not self._has_body(req))):
+            return None
+        failed = ex.failed
+        if failed is None:
+            failed = ex.failed = Attempts()
+        tried = failed.tried
+        be = ex.be
+        if be is not None and (not tried or tried[-1] is not be):
+            tried.append(be)
+        if failed.retries >= pool.retries:
+            return None
+        other = pool.choose(req, ex.client, tried)
+        if other is None:
+            return None
+        if condition != RETRY_CONNECT and not pool.try_retry(self.ctx.reactor.now):
+            log.warning("pool %s: retry budget exhausted (retry_budget %g%% of requests over 10 s): the "
+                        "failure goes to the client", pool.name, pool.budget.ratio * 100)
+            return None
+        failed.retries += 1
+        pool.retries_total += 1
+        return other
+
+    @staticmethod
+    def _has_body(req: RequestHead) -> bool:
+        return not (req.framing == NO_BODY or (req.framing == LENGTH and req.length == 0))
+
+    def resend(self, backend: Backend) -> None:
+        """Send the request again, whole, to ``backend`` (retry_target chose it): its head as that backend
+        gets it, and the body kept so far (what is still to come follows as it arrives)."""
+        ex = self.ex
+        assert ex is not None and ex.req is not None
+        self._sticky_moved(ex, backend)
+        self.req_bytes = data = self._head_for(ex, ex.req, backend)
+        kept = ex.kept
+        if kept:
+            data = data + b"".join(kept)
+        self._send_to(backend, data, len(data), False)
+
+    def _sticky_moved(self, ex: Exchange, backend: Backend) -> None:
+        """A retry moved the request to ``backend``: with a sticky cookie, the client follows it."""
+        pool = ex.pool_ref
+        if pool is not None and pool.sticky is not None:
+            self._set_cookie(ex, pool.sticky, backend)
 
     # ---- answers balrs makes itself ---------------------------------------------------------------
     def _reject(self, exc: ProtocolError) -> None:
@@ -1008,4 +1139,30 @@ class ClientConn(Protocol):
             self.ctx.finish(ex, END_TUNNEL if ex.status == 101 else
                             END_SHUTDOWN if self.ctx.draining else END_CLIENT_ABORT)
         self.tr.close()
+        counted = self.counted
+        if counted is not None:
+            self.counted = None
+            counted.close(self.client_ip)
         self.ctx.client_closed(self)
+
+
+class OverLimitClient(ClientConn):
+    """A connection from a client already at its ``client_connections`` limit: its first request is
+    answered 429 with Retry-After and the connection closed (nginx's limit_conn answers at the request
+    too, so the client learns why instead of seeing a reset). Not counted against the limit."""
+
+    __slots__ = ()
+
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, client_ip: str, peer: Optional[Peer] = None) -> None:
+        super().__init__(ctx, sock, client_ip, peer)
+        # It gets no more patience while idle than a request head needs (the C_IDLE deadline is
+        # idle_since + client_timeout).
+        settings = ctx.settings
+        wait = min(settings.header_timeout, settings.client_timeout)
+        self.idle_since -= settings.client_timeout - wait
+        self.tr.arm(ctx.reactor.now + wait)
+
+    def _start_request(self, head: bytes) -> None:
+        self.settings = self.ctx.settings
+        self.ex = self._refused_exchange(head)
+        self._limited(1, 1.0)

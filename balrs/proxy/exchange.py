@@ -17,7 +17,7 @@ knows the server.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 from ..http.heads import RequestHead, ResponseHead
 from ..transport import Chunk, Transport
@@ -26,11 +26,13 @@ if TYPE_CHECKING:
     from ..pool import Backend, Pool, Pools
     from ..routing import Route, RouteTable
     from ..reactor import Reactor
+    from ..limits import ClientBuckets, ClientConnections
     from ..settings import Settings
 
 __all__ = [
-    "Exchange", "ProxyContext", "Downstream", "Outliers",
-    "F_CONNECT_REFUSED", "F_CONNECT_TIMEOUT", "F_STALE", "F_BROKEN", "F_TIMEOUT", "F_INTERNAL",
+    "Exchange", "ProxyContext", "Downstream", "Outliers", "ResponseEdit", "HeadEdit",
+    "F_CONNECT_REFUSED", "F_CONNECT_TIMEOUT", "F_STALE", "F_BROKEN", "F_TIMEOUT", "F_INTERNAL", "F_EMPTY",
+    "REPLAY_MAX",
 ]
 
 log = logging.getLogger("balrs")
@@ -42,6 +44,12 @@ F_STALE = 3             # a reused pooled connection was closed before any respo
 F_BROKEN = 4            # the backend closed, reset or sent garbage before a complete head
 F_TIMEOUT = 5           # backend_timeout expired
 F_INTERNAL = 6          # a bug in balrs on this exchange (an exception in a callback): 500, not the backend's fault
+F_EMPTY = 7             # a new connection closed (or reset) before any response byte (retry_on empty-response)
+
+# A request body up to this size is kept while the request is in flight, so that a retry (retry_on
+# conditions other than connect-failure) can send it again (nginx keeps the body it buffered; Envoy's
+# per-request buffer limit for retries is 16 KiB by default).
+REPLAY_MAX = 65536
 
 # How an exchange ended (the access log's ``end``).
 END_OK = "ok"                         # the whole response went to the client
@@ -56,6 +64,28 @@ END_QUEUE_TIMEOUT = "queue-timeout"   # every backend stayed full for queue_time
 END_INTERNAL = "internal-error"       # a bug in balrs (500)
 END_SHUTDOWN = "shutdown"             # the balancer stopped before the exchange finished
 END_TUNNEL = "tunnel"                 # a 101 tunnel, ended by either side
+END_LIMITED = "limited"               # over client_rate or client_connections (429)
+
+
+class ResponseEdit(Protocol):
+    """Changes to a response head on its way to the client: fields removed (lowercased names) and
+    complete field lines added (a route's set/remove_response_header, a sticky cookie)."""
+
+    @property
+    def response_remove(self) -> AbstractSet[bytes]: ...
+
+    @property
+    def response_extra(self) -> bytes: ...
+
+
+class HeadEdit:
+    """A :class:`ResponseEdit` made for one exchange (a route's edits plus a Set-Cookie line)."""
+
+    __slots__ = ("response_remove", "response_extra")
+
+    def __init__(self, remove: AbstractSet[bytes], extra: bytes) -> None:
+        self.response_remove = remove
+        self.response_extra = extra
 
 
 class Outliers(Protocol):
@@ -88,6 +118,10 @@ class Downstream(Protocol):
 
     def upstream_failed(self, why: int, pending: Optional[Deque[Chunk]], nbytes: int) -> None: ...
 
+    def retry_target(self, condition: int) -> Optional[Backend]: ...
+
+    def resend(self, backend: Backend) -> None: ...
+
     def start_tunnel(self, data: bytes) -> None: ...
 
     def pause_for_upstream(self) -> None: ...
@@ -103,7 +137,8 @@ class ProxyContext:
     """What the proxy's connections share in one process (see the module docstring)."""
 
     __slots__ = ("reactor", "settings", "pools", "default_pool", "router", "outliers", "status_counts",
-                 "draining", "client_closed", "log_line", "log_format", "request_ids")
+                 "draining", "client_closed", "log_line", "log_format", "request_ids", "buckets", "conn_limit",
+                 "limited")
 
     def __init__(self, reactor: Reactor, settings: Settings, pools: Pools, outliers: Outliers,
                  client_closed: Callable[[object], None], router: Optional[RouteTable] = None) -> None:
@@ -124,6 +159,11 @@ class ProxyContext:
         self.log_format: Optional[Callable[[Exchange], bytes]] = None
         # Makes a new request id (bytes) when request ids are on.
         self.request_ids: Optional[Callable[[], bytes]] = None
+        # Per-client limits (limits.py): client_rate's token buckets and client_connections' counts
+        # (None: off), and the requests each refused (429), for /metrics.
+        self.buckets: Optional[ClientBuckets] = None
+        self.conn_limit: Optional[ClientConnections] = None
+        self.limited = [0, 0]  # [over client_rate, over client_connections]
 
     def finish(self, ex: Exchange, end: str) -> None:
         """The one place an exchange ends: counted, and logged."""
@@ -166,7 +206,7 @@ class Exchange:
     __slots__ = (
         "req", "client", "pool_ref", "be", "slot", "failed", "status", "bytes_in", "bytes_out", "t_start",
         "t_connected", "t_response", "t_done", "wall_start", "end", "request_id", "request_done",
-        "resp_started", "refused_line", "route_ref", "fwd_target", "edit",
+        "resp_started", "refused_line", "route_ref", "fwd_target", "edit", "kept", "kept_bytes",
     )
 
     t_done: float
@@ -197,7 +237,11 @@ class Exchange:
         # the path, and itself again when it edits the response head (kept apart for the hot path).
         self.route_ref: Optional[Route] = None
         self.fwd_target: Optional[bytes] = None
-        self.edit: Optional[Route] = None
+        self.edit: Optional[ResponseEdit] = None
+        # The request body as sent upstream, kept for a retry while it stays within REPLAY_MAX (None:
+        # not kept; a request without a body needs none). kept_bytes is set with it.
+        self.kept: Optional[List[Chunk]] = None
+        self.kept_bytes: int
 
     def __repr__(self) -> str:
         return "<Exchange %r status=%d end=%s>" % (self.req, self.status, self.end)

@@ -23,8 +23,9 @@ from ..http.heads import (
     parse_response_head,
 )
 from ..transport import Chunk, Protocol, connect
+from ..limits import RETRY_STATUS
 from .exchange import (
-    F_BROKEN, F_CONNECT_REFUSED, F_CONNECT_TIMEOUT, F_INTERNAL, F_STALE, F_TIMEOUT, Downstream, Exchange,
+    F_BROKEN, F_CONNECT_REFUSED, F_CONNECT_TIMEOUT, F_EMPTY, F_INTERNAL, F_STALE, F_TIMEOUT, Downstream, Exchange,
     ProxyContext,
 )
 
@@ -278,6 +279,8 @@ class UpstreamConn(Protocol):
         backend = self.backend
         now = ex.t_response = self.ctx.reactor.now
         backend.observe(now - self.sent_at, now, status)
+        if 502 <= status <= 504 and self._bad_answer(ex, down, status):
+            return
         if backend.consecutive_errors:
             self.ctx.outliers.success(backend)
         if not resp.keep_alive:
@@ -325,6 +328,29 @@ class UpstreamConn(Protocol):
         down.write_parts(parts)
         if body.done:
             self._response_complete()
+
+    def _bad_answer(self, ex: Exchange, down: Downstream, status: int) -> bool:
+        """A 502, 503 or 504 from the backend. When the pool's retry_on lists it, it counts as a failure
+        of the backend (passive health), and if the exchange may be retried the response is discarded
+        whole (this connection closes, nothing of it reaches the client) and the request goes to
+        another backend. Returns True when it did."""
+        pool = ex.pool_ref
+        bit = RETRY_STATUS[status - 502]
+        if pool is None or not pool.retry_on & bit:
+            return False
+        backend = self.backend
+        backend.record_failure()
+        self.ctx.outliers.failure(backend, str(status))
+        other = down.retry_target(bit)
+        if other is None:
+            return False
+        log.debug("backend %s answered %d; retrying on %s", backend.name, status, other.name)
+        self.keep = False
+        self._detach()
+        self._to(U_CLOSED)
+        self.tr.close()
+        down.resend(other)
+        return True
 
     def _response_complete(self) -> None:
         ex = self.ex
@@ -381,6 +407,8 @@ class UpstreamConn(Protocol):
         if state == U_HEAD:
             if self.reused and not self.got_bytes:
                 self._fail(F_STALE, None)
+            elif not self.got_bytes:
+                self._fail(F_EMPTY, "closed without sending a response")
             else:
                 self._fail(F_BROKEN, "closed before a complete response head")
             return
