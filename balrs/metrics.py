@@ -119,6 +119,9 @@ class Counters(Protocol):
     @property
     def log_dropped(self) -> int: ...
 
+    @property
+    def client_limited(self) -> List[int]: ...
+
     def responses(self) -> Dict[int, int]: ...
 
 
@@ -139,6 +142,7 @@ def snapshot(pool: Union[Pool, Pools], config: Config, counters: Counters, start
         "client_connections": srv.client_connections,
         "accepted_connections": srv.accepted,
         "log_dropped": srv.log_dropped,
+        "client_limited": {"rate": srv.client_limited[0], "connections": srv.client_limited[1]},
         "queue_length": pool.queued,
         # JSON object keys are strings.
         "responses": {str(code): n for code, n in sorted(srv.responses().items())},
@@ -146,7 +150,9 @@ def snapshot(pool: Union[Pool, Pools], config: Config, counters: Counters, start
         "backends": [_backend_snapshot(b) for b in pool.backends]
         + [_backend_snapshot(b) for b in pool.retired if b.active],
         "pools": [{"name": p.name, "strategy": p.strategy_name, "backends": [b.name for b in p.backends],
-                   "backup": p.backup.name if p.backup is not None else None, "queue_length": p.queued}
+                   "backup": p.backup.name if p.backup is not None else None, "queue_length": p.queued,
+                   "retries": p.retries_total, "retries_budget_exhausted": p.budget.exhausted,
+                   "panic": p.panicking}
                   for p in pools],
         "routes": [{"name": r.name, "requests": r.requests} for r in router.routes] if router is not None else [],
     }
@@ -219,12 +225,29 @@ def merge(snapshots: Sequence[Snapshot], pid: int, start_time: Optional[float], 
         "client_connections": sum(s["client_connections"] for s in snapshots),
         "accepted_connections": sum(s["accepted_connections"] for s in snapshots),
         "log_dropped": sum(s.get("log_dropped", 0) for s in snapshots),
+        "client_limited": {k: sum(s.get("client_limited", {}).get(k, 0) for s in snapshots)
+                           for k in ("rate", "connections")},
         "queue_length": sum(s["queue_length"] for s in snapshots),
         "responses": {str(code): n for code, n in sorted(responses.items())},
         "backends": [_merge_backend(views) for views in parts.values()],
-        "pools": first.get("pools", []),
+        "pools": _merge_pools(snapshots),
         "routes": _merge_routes(snapshots),
     }
+
+
+def _merge_pools(snapshots: Sequence[Snapshot]) -> List[Dict[str, Any]]:
+    """The first worker's pools with the counters summed over the workers (panic: in any of them)."""
+    by_name: Dict[str, Dict[str, Any]] = {}
+    for s in snapshots:
+        for p in s.get("pools", []):
+            have = by_name.get(p["name"])
+            if have is None:
+                by_name[p["name"]] = dict(p)
+                continue
+            for key in ("queue_length", "retries", "retries_budget_exhausted"):
+                have[key] = have.get(key, 0) + p.get(key, 0)
+            have["panic"] = bool(have.get("panic")) or bool(p.get("panic"))
+    return list(by_name.values())
 
 
 def _merge_routes(snapshots: Sequence[Snapshot]) -> List[Dict[str, Any]]:
@@ -316,6 +339,23 @@ def metrics_text(snap: Snapshot) -> str:
     w.family("balrs_log_dropped_total", "counter",
              "Access log lines dropped because the log destination could not keep up.",
              [("balrs_log_dropped_total", (), snap.get("log_dropped", 0))])
+    pool_list: List[Dict[str, Any]] = snap.get("pools", [])
+    w.family("balrs_retries_total", "counter",
+             "Requests sent again to another backend (retry_on), every pool.",
+             [("balrs_retries_total", (), sum(p.get("retries", 0) for p in pool_list))])
+    w.family("balrs_retries_budget_exhausted_total", "counter",
+             "Retries refused by the retry budget (the failure went to the client), every pool.",
+             [("balrs_retries_budget_exhausted_total", (),
+               sum(p.get("retries_budget_exhausted", 0) for p in pool_list))])
+    w.family("balrs_pool_retries_total", "counter", "Retries by pool.",
+             [("balrs_pool_retries_total", (("pool", p["name"]),), p.get("retries", 0)) for p in pool_list])
+    w.family("balrs_pool_panic", "gauge",
+             "1 while a pool balances over all its backends (fewer up than panic_threshold).",
+             [("balrs_pool_panic", (("pool", p["name"]),), 1 if p.get("panic") else 0) for p in pool_list])
+    limited = snap.get("client_limited", {})
+    w.family("balrs_client_limited_total", "counter",
+             "Requests answered 429 by a per-client limit (client_rate, client_connections).",
+             [("balrs_client_limited_total", (("limit", k),), limited.get(k, 0)) for k in ("rate", "connections")])
     w.family("balrs_responses_total", "counter", "Responses sent to clients, by status code.",
              [("balrs_responses_total", (("code", code),), n)
               for code, n in sorted(snap["responses"].items(), key=lambda kv: int(kv[0]))])
@@ -422,6 +462,7 @@ def status_of(snap: Snapshot) -> Dict[str, Any]:
         "client_connections": snap["client_connections"],
         "accepted_connections": snap["accepted_connections"],
         "queue_length": snap["queue_length"],
+        "client_limited": dict(snap.get("client_limited", {})),
         "responses": dict(snap["responses"]),
         "backends": [_backend_status(b, health) for b in snap["backends"]],
         "pools": [dict(p) for p in snap.get("pools", [])],

@@ -19,12 +19,13 @@ from .accesslog import LogSink, RequestIds, make_formatter
 from .admin import AdminServer
 from .config import Address, AdminConfig, Config, ConfigError, LogConfig, load
 from .health import Health
+from .limits import ClientBuckets, ClientConnections
 from .listener import Listener
 from .metrics import Snapshot, snapshot as metrics_snapshot
 from .resolver import Resolver, is_ip_literal
 from .pool import Pools
 from .routing import RouteTable
-from .proxy import ClientConn, ProxyContext
+from .proxy import ClientConn, OverLimitClient, ProxyContext
 from .reactor import Reactor
 from .settings import Settings
 from .strategies import make_strategy
@@ -78,6 +79,7 @@ class Balancer:
                              health_of=lambda b: self.pool.health_of(b, self.config))
         self.resolver = Resolver(reactor, self.pool, lambda: self.config.resolve_interval)
         self.ctx = ProxyContext(reactor, self.settings, self.pool, self.health, self.client_closed, self.router)
+        self._apply_limits(config)
         self.access_log: Optional[LogSink] = None
         self._log_dropped = 0  # lines dropped by sinks a reload replaced
         self._apply_log(config.log, self._open_log(config.log))
@@ -112,6 +114,10 @@ class Balancer:
     @property
     def log_dropped(self) -> int:
         return self._log_dropped + (self.access_log.dropped if self.access_log is not None else 0)
+
+    @property
+    def client_limited(self) -> List[int]:
+        return self.ctx.limited
 
     @property
     def status_counts(self) -> List[int]:
@@ -202,7 +208,17 @@ class Balancer:
             accept = server_tls.accept
         try:
             peer = make_peer(ip, port, b"https" if addr.tls else b"http", accept, self.settings.trusted, local, sock)
-            conn = ClientConn(self.ctx, sock, ip, peer)
+            conn_limit = self.ctx.conn_limit
+            if conn_limit is None:
+                conn: ClientConn = ClientConn(self.ctx, sock, ip, peer)
+            elif conn_limit.open(ip):
+                try:
+                    conn = ClientConn(self.ctx, sock, ip, peer, conn_limit)
+                except BaseException:
+                    conn_limit.close(ip)
+                    raise
+            else:
+                conn = OverLimitClient(self.ctx, sock, ip, peer)
         except (OSError, ValueError) as exc:
             log.warning("accepted connection from %s failed: %s", ip, exc)
             sock.close()
@@ -219,6 +235,24 @@ class Balancer:
                 if b.tls is not None:
                     b.idle.close_all()
                 b.tls = new
+
+    def _apply_limits(self, config: Config) -> None:
+        """The per-client limits of ``config`` (limits.py). A reload keeps the buckets when rate and
+        burst are unchanged, and the connection counts always (only the limit changes), so neither is
+        a way around a limit."""
+        ctx = self.ctx
+        buckets = ctx.buckets
+        if config.client_rate <= 0:
+            ctx.buckets = None
+        elif buckets is None or buckets.rate != config.client_rate or buckets.burst != max(
+                1.0, float(config.client_burst) if config.client_burst > 0 else float(config.client_rate)):
+            ctx.buckets = ClientBuckets(config.client_rate, config.client_burst)
+        if config.client_connections <= 0:
+            ctx.conn_limit = None
+        elif ctx.conn_limit is None:
+            ctx.conn_limit = ClientConnections(config.client_connections)
+        else:
+            ctx.conn_limit.limit = config.client_connections
 
     def client_closed(self, conn: object) -> None:
         self.clients.pop(conn, None)  # type: ignore[call-overload]
@@ -289,6 +323,7 @@ class Balancer:
         self.router = RouteTable(config.routes, self.router, self.pool.named) if config.routes else None
         self.ctx.router = self.router
         self.ctx.default_pool = self.pool.default
+        self._apply_limits(config)
         for b in removed:
             b.idle.close_all()
         self._apply_tls(tls)

@@ -301,8 +301,10 @@ STATUS_BACKEND_KEYS = ("name", "address", "state", "weight", "active", "requests
 def _fake_balancer(backends: Sequence[Backend], responses: Dict[int, int], health: bool = False) -> Any:
     return SimpleNamespace(
         pool=SimpleNamespace(backends=list(backends), strategy_name="round_robin", queued=2, retired=[],
-                             name="default", backup=None),
+                             name="default", backup=None, retries_total=5,
+                             budget=SimpleNamespace(exhausted=2), panicking=True),
         client_connections=3,
+        client_limited=[4, 1],
         log_dropped=0,
         accepted=17,
         draining=False,
@@ -374,6 +376,12 @@ class TestRender:
         assert value_of(fams, "balrs_client_connections") == 3
         assert value_of(fams, "balrs_accepted_connections_total") == 17
         assert value_of(fams, "balrs_queue_length") == 2
+        assert value_of(fams, "balrs_retries_total") == 5
+        assert value_of(fams, "balrs_retries_budget_exhausted_total") == 2
+        assert value_of(fams, "balrs_pool_retries_total", pool="default") == 5
+        assert value_of(fams, "balrs_pool_panic", pool="default") == 1
+        assert value_of(fams, "balrs_client_limited_total", limit="rate") == 4
+        assert value_of(fams, "balrs_client_limited_total", limit="connections") == 1
         assert value_of(fams, "balrs_info", version=__version__) == 1
         assert value_of(fams, "balrs_start_time_seconds") == 1700000000.5
         assert value_of(fams, "balrs_backend_info", backend="a", address="127.0.0.1:9001") == 1
