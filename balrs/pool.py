@@ -391,7 +391,7 @@ class Pool:
         self.retries_total = 0        # every retry (connect failures included)
         self.panic_threshold = 0.0
         self.panicking = False
-        self.sticky: Optional[Sticky] = None
+        self.sticky: Optional[Sticky[Backend]] = None
         # With sticky on: the backends in rotation now, for an O(1) check of a cookie's backend.
         self.rotation: Set[Backend] = set()
 
@@ -459,7 +459,7 @@ class Pool:
         return candidates if panic else eligible
 
     def set_policy(self, retry_on: Tuple[str, ...], budget: float, panic_threshold: float,
-                   sticky: Optional[Sticky]) -> None:
+                   sticky: Optional[Sticky[Backend]]) -> None:
         """The pool's traffic policy ([pool] over [balancer]), at start and on every reload. The
         budget's window carries over a reload."""
         self.retry_on = retry_mask(retry_on)
@@ -650,7 +650,7 @@ class Pools:
             if cookie:
                 if key is None:
                     key = sticky_key(config.sticky_secret, (b.name for b in config.backends))
-                sticky = Sticky(cookie, key)
+                sticky = Sticky[Backend](cookie, key)
             by_name[pc.name].set_policy(
                 pc.retry_on if pc.retry_on is not None else config.retry_on,
                 pc.retry_budget if pc.retry_budget is not None else config.retry_budget,

@@ -19,15 +19,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import TYPE_CHECKING, Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Dict, Generic, Iterable, Optional, Protocol, TypeVar
 
-from .strategies import cookie_value
+from .http.heads import cookie_value
 
 if TYPE_CHECKING:
     from .http.heads import RequestHead
-    from .pool import Backend
 
-__all__ = ["Sticky", "sticky_key", "COOKIE_ATTRIBUTES"]
+
+class Named(Protocol):
+    """What a sticky cookie needs of a backend (``pool.Backend``): its name, and to be hashable."""
+
+    @property
+    def name(self) -> str: ...
+
+    def __hash__(self) -> int: ...
+
+
+Backend = TypeVar("Backend", bound=Named)
+
+__all__ = ["Sticky", "Named", "sticky_key", "COOKIE_ATTRIBUTES"]
 
 COOKIE_ATTRIBUTES = b"Path=/; HttpOnly; SameSite=Lax"
 
@@ -41,7 +52,7 @@ def sticky_key(secret: str, backend_names: Iterable[str]) -> bytes:
     return hashlib.sha256(b"balrs sticky names\0" + "\0".join(names).encode("utf-8")).digest()
 
 
-class Sticky:
+class Sticky(Generic[Backend]):
     """One pool's sticky cookie: ids of its backends, and the Set-Cookie line for each."""
 
     __slots__ = ("name", "key", "marker", "by_id", "set_cookie", "_ids")

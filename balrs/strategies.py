@@ -25,6 +25,8 @@ from operator import attrgetter
 from itertools import islice
 from typing import TYPE_CHECKING, Callable, Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
+from .http.heads import cookie_value
+
 if TYPE_CHECKING:
     from .http.heads import RequestHead
     from .pool import Backend
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Strategy", "RoundRobin", "LeastConnections", "WeightedLeastConnections", "LeastResponseTime",
     "WeightedLeastResponseTime", "PowerOfTwo", "Random", "IpHash", "ConsistentHash",
-    "make_strategy", "smooth_weighted_sequence", "STRATEGY_CLASSES",
+    "make_strategy", "smooth_weighted_sequence", "STRATEGY_CLASSES", "cookie_value",
     "DECAY_HALF_LIFE", "VNODES_PER_WEIGHT", "HASH_BALANCE_FACTOR",
 ]
 
@@ -696,23 +698,6 @@ def field_value(req: RequestHead, lname: bytes) -> Optional[bytes]:
     if lnames.count(lname) == 1:
         return req.values[lnames.index(lname)]
     return b", ".join([v for n, v in zip(lnames, req.values) if n == lname])
-
-
-def cookie_value(req: RequestHead, name: bytes) -> Optional[bytes]:
-    """The value of cookie ``name`` from the request's Cookie field(s) (``a=1; b=2``, RFC 6265 §4.2),
-    the first if repeated; None when absent. Names are case-sensitive; whitespace around names and
-    values is dropped; pairs without ``=`` are skipped."""
-    lnames = req.lnames
-    if b"cookie" not in lnames:
-        return None
-    for lname, value in zip(lnames, req.values):
-        if lname != b"cookie" or name not in value:
-            continue
-        for pair in value.split(b";"):
-            n, eq, v = pair.partition(b"=")
-            if eq and n.strip(b" \t") == name:
-                return v.strip(b" \t")
-    return None
 
 
 class ConsistentHash(Strategy):

@@ -29,7 +29,7 @@ __all__ = [
     "NO_BODY", "LENGTH", "CHUNKED", "CLOSE_DELIMITED",
     "HeadBuffer", "RequestHead", "ResponseHead", "REQUEST", "RESPONSE",
     "parse_request_head", "parse_response_head",
-    "IDEMPOTENT_METHODS", "TCHARS",
+    "IDEMPOTENT_METHODS", "TCHARS", "cookie_value",
 ]
 
 # Body framing kinds (RFC 9112 §6.3).
@@ -821,3 +821,20 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
     r.framing = CLOSE_DELIMITED
     r.keep_alive = False
     return r
+
+
+def cookie_value(req: RequestHead, name: bytes) -> Optional[bytes]:
+    """The value of cookie ``name`` from the request's Cookie field(s) (``a=1; b=2``, RFC 6265 §4.2),
+    the first if repeated; None when absent. Names are case-sensitive; whitespace around names and
+    values is dropped; pairs without ``=`` are skipped."""
+    lnames = req.lnames
+    if b"cookie" not in lnames:
+        return None
+    for lname, value in zip(lnames, req.values):
+        if lname != b"cookie" or name not in value:
+            continue
+        for pair in value.split(b";"):
+            n, eq, v = pair.partition(b"=")
+            if eq and n.strip(b" \t") == name:
+                return v.strip(b" \t")
+    return None
