@@ -335,7 +335,9 @@ class ClientConn(Protocol):
                 if pool is None:
                     return
         ex.pool_ref = pool
-        pool.requests += 1  # the retry budget's count of requests
+        pool.requests += 1  # the retry budget's count of requests, handed over once a second
+        if now >= pool.budget_at:
+            pool.sync_budget(now)
         backend = pool.strategy.choose(req, client_ip) if pool.direct else self._choose(ex, pool, req, client_ip)
         if backend is None:
             if pool.all_full():
@@ -366,7 +368,7 @@ class ClientConn(Protocol):
             self._set_cookie(ex, sticky, backend)
         return backend
 
-    def _set_cookie(self, ex: Exchange, sticky: Sticky, backend: Backend) -> None:
+    def _set_cookie(self, ex: Exchange, sticky: Sticky[Backend], backend: Backend) -> None:
         """The response will make the client stick to ``backend`` (with the route's edits, if any)."""
         line = sticky.set_cookie.get(backend)
         if line is None:
@@ -462,7 +464,14 @@ class ClientConn(Protocol):
         assert ex is not None
         req = ex.req
         assert req is not None
-        self.req_bytes = data = self._head_for(ex, req, backend)
+        # _head_for, inlined: this is the hot path.
+        if (ex.request_id is None and not self.xf and not self.settings.forwarded
+                and (ex.route_ref is None or (ex.fwd_target is None and ex.edit is None))):
+            data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header, b"", None, None,
+                                         XF_APPEND, self.proto)
+        else:
+            data = self._upstream_head(ex, req, backend)
+        self.req_bytes = data
         up = backend.idle.take()
         if up is not None:
             self.upstream = up

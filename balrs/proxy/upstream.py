@@ -37,6 +37,10 @@ __all__ = ["UpstreamConn", "UPSTREAM_RECV_SIZE", "POOL_IDLE_TIMEOUT", "readable_
 
 log = logging.getLogger("balrs")
 
+# What _bad_answer made of a 502/503/504 listed in retry_on: a failure of the backend, and retried.
+BAD_COUNTED = 1
+BAD_RETRIED = 2
+
 # Bytes read per recv() from a backend. recv(n) allocates n bytes first; at 128 KiB and above glibc's
 # malloc maps and unmaps fresh pages for every read (measured: ~30 us per recv instead of ~5), so reads
 # stay below its mmap threshold.
@@ -279,9 +283,11 @@ class UpstreamConn(Protocol):
         backend = self.backend
         now = ex.t_response = self.ctx.reactor.now
         backend.observe(now - self.sent_at, now, status)
-        if 502 <= status <= 504 and self._bad_answer(ex, down, status):
-            return
-        if backend.consecutive_errors:
+        bad = 502 <= status <= 504 and self._bad_answer(ex, down, status)
+        if bad:
+            if bad == BAD_RETRIED:
+                return
+        elif backend.consecutive_errors:
             self.ctx.outliers.success(backend)
         if not resp.keep_alive:
             self.keep = False
@@ -329,28 +335,28 @@ class UpstreamConn(Protocol):
         if body.done:
             self._response_complete()
 
-    def _bad_answer(self, ex: Exchange, down: Downstream, status: int) -> bool:
+    def _bad_answer(self, ex: Exchange, down: Downstream, status: int) -> int:
         """A 502, 503 or 504 from the backend. When the pool's retry_on lists it, it counts as a failure
         of the backend (passive health), and if the exchange may be retried the response is discarded
         whole (this connection closes, nothing of it reaches the client) and the request goes to
-        another backend. Returns True when it did."""
+        another backend. Returns 0 (not a failure here), BAD_COUNTED or BAD_RETRIED."""
         pool = ex.pool_ref
         bit = RETRY_STATUS[status - 502]
         if pool is None or not pool.retry_on & bit:
-            return False
+            return 0
         backend = self.backend
         backend.record_failure()
         self.ctx.outliers.failure(backend, str(status))
         other = down.retry_target(bit)
         if other is None:
-            return False
+            return BAD_COUNTED
         log.debug("backend %s answered %d; retrying on %s", backend.name, status, other.name)
         self.keep = False
         self._detach()
         self._to(U_CLOSED)
         self.tr.close()
         down.resend(other)
-        return True
+        return BAD_RETRIED
 
     def _response_complete(self) -> None:
         ex = self.ex
