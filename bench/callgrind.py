@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 # What nginx answers for a small static response (the load benchmark's `small` scenario).
@@ -109,13 +109,15 @@ def _read_response(sock: socket.socket) -> None:
 
 
 def run_once(checkout: Path, requests: int, connections: int, strategy: str, work: Path,
-             concurrent: bool = False, access_log: str = "", routes: int = 0) -> int:
+             concurrent: bool = False, access_log: str = "", routes: int = 0,
+             settings: Sequence[str] = ()) -> int:
     """Total instructions of a balrs process that served ``requests`` requests."""
     backends = Backends(3)
     port = _free_port()
     ini = work / "lb.ini"
     lines = ["[balancer]", "listen = 127.0.0.1:%d" % port, "strategy = %s" % strategy,
-             "backend_timeout = 300s", "client_timeout = 300s", "header_timeout = 300s", ""]
+             "backend_timeout = 300s", "client_timeout = 300s", "header_timeout = 300s"]
+    lines += ["%s = %s" % tuple(kv.split("=", 1)) for kv in settings] + [""]
     for i, p in enumerate(backends.ports):
         lines += ["[backend b%d]" % (i + 1), "address = 127.0.0.1:%d" % p, ""]
     if access_log:
@@ -192,6 +194,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="with [log] access = a file in this format")
     p.add_argument("--routes", type=int, default=0,
                    help="with N [route] sections; the request matches the last one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [balancer] key, e.g. --set client_rate=1000000 (repeatable)")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         sys.stderr.write("valgrind is not installed (apt-get install valgrind)\n")
@@ -199,14 +203,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="balrs-callgrind-") as tmp:
         work = Path(tmp)
         a = run_once(args.checkout.resolve(), args.requests, args.connections, args.strategy, work, args.concurrent,
-                     args.access_log, args.routes)
+                     args.access_log, args.routes, args.set)
         b = run_once(args.checkout.resolve(), 2 * args.requests, args.connections, args.strategy, work,
-                     args.concurrent, args.access_log, args.routes)
-    print("%s: %d instructions per request (%s, %d connections%s%s%s; totals %d and %d)"
+                     args.concurrent, args.access_log, args.routes, args.set)
+    print("%s: %d instructions per request (%s, %d connections%s%s%s%s; totals %d and %d)"
           % (args.checkout, (b - a) // args.requests, args.strategy, args.connections,
              ", concurrent" if args.concurrent else "",
              ", %s access log" % args.access_log if args.access_log else "",
-             ", %d routes" % args.routes if args.routes else "", a, b))
+             ", %d routes" % args.routes if args.routes else "",
+             "".join(", " + kv for kv in args.set), a, b))
     return 0
 
 
