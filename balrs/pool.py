@@ -380,14 +380,13 @@ class Pool:
         self.backup: Optional[Pool] = None
         self.health = ""  # the [health NAME] section probing it ("": [health])
         # Traffic policy (limits.py, sticky.py): retry_on as bits; the retry budget, fed with the count
-        # of first attempts (``requests``, one addition per request) about once a second
-        # (``budget_at``: when next); the panic threshold (a share of backends up; 0 = off) and
+        # of first attempts (``requests``, one addition per request) once a second (``sync_budget``,
+        # from the server's timer); the panic threshold (a share of backends up; 0 = off) and
         # whether the pool is in panic now; the sticky cookie (None = off).
         self.retry_on = RETRY_CONNECT
         self.budget = RetryBudget(0.2)
         self.requests = 0
         self._budget_synced = 0
-        self.budget_at = 0.0
         self.retries_total = 0        # every retry (connect failures included)
         self.panic_threshold = 0.0
         self.panicking = False
@@ -443,6 +442,9 @@ class Pool:
         eligible = self.eligible()
         threshold = self.panic_threshold
         if not threshold:
+            if self.panicking:  # a reload turned panic mode off in the middle of an episode
+                self.panicking = False
+                log.warning("pool %s: out of panic: panic_threshold is now 0", self.name)
             return eligible
         candidates = [b for b in self.backends if b.resolved and not b.draining]
         # Below the threshold, but not when none is up and a backup pool can serve instead.
@@ -474,11 +476,12 @@ class Pool:
         self.refresh()
 
     def sync_budget(self, now: float) -> None:
-        """Hand the requests counted since the last call to the retry budget (once a second)."""
+        """Hand the requests counted since the last call to the retry budget (the server's timer
+        calls this once a second, and every retry before it asks the budget)."""
         n = self.requests - self._budget_synced
-        self._budget_synced = self.requests
-        self.budget.request(now, n)
-        self.budget_at = float(int(now) + 1)
+        if n:
+            self._budget_synced = self.requests
+            self.budget.request(now, n)
 
     def try_retry(self, now: float) -> bool:
         """Whether the retry budget allows one more retry now (counted if so)."""
@@ -677,6 +680,17 @@ class Pools:
         self.backends = backends
         self._assign(config)
         return added, removed
+
+    def sync_budgets(self, now: float) -> bool:
+        """Hand each pool's request count of the last second to its retry budget (``Pool.sync_budget``),
+        for the pools whose retry_on charges it. False when no pool does (the caller's once-a-second
+        timer can stop)."""
+        any_charged = False
+        for pool in self.order:
+            if pool.retry_on & ~RETRY_CONNECT:
+                pool.sync_budget(now)
+                any_charged = True
+        return any_charged
 
     @property
     def queued(self) -> int:

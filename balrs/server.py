@@ -74,6 +74,7 @@ class Balancer:
         self.stopped = False
         self.exit_code = 0
         self._drain_timer: Optional[Timer] = None
+        self._budget_timer: Optional[Timer] = None  # feeds the retry budgets once a second
         self.accepted = 0
         self.health = Health(reactor, self.pool, lambda: self.config,
                              health_of=lambda b: self.pool.health_of(b, self.config))
@@ -254,6 +255,16 @@ class Balancer:
         else:
             ctx.conn_limit.limit = config.client_connections
 
+    def _arm_budgets(self) -> None:
+        """While a pool's retry_on charges its retry budget, hand it the request counts once a second
+        (from a timer, so the request path only adds one)."""
+        if self._budget_timer is None and not self.stopped and self.pool.sync_budgets(self.reactor.now):
+            self._budget_timer = self.reactor.call_later(1.0, self._budget_tick)
+
+    def _budget_tick(self) -> None:
+        self._budget_timer = None
+        self._arm_budgets()
+
     def client_closed(self, conn: object) -> None:
         self.clients.pop(conn, None)  # type: ignore[call-overload]
         if self.ctx.draining:
@@ -342,6 +353,7 @@ class Balancer:
                 self.admin = None
         self.listener.resume()
         self.pool.wake()
+        self._arm_budgets()
         log.info("reloaded: %d backend(s)%s%s; strategy %s", len(self.pool.backends),
                  "; added %s" % ", ".join(b.name for b in added) if added else "",
                  "; removed %s" % ", ".join(b.name for b in removed) if removed else "", config.strategy)
@@ -361,6 +373,7 @@ class Balancer:
         self.log_routes()
         self.health.start()
         self.resolver.start()
+        self._arm_budgets()
         if self.admin is not None:
             self.admin.start()
 
@@ -406,6 +419,9 @@ class Balancer:
             backend.idle.close_all()
         if self._drain_timer is not None:
             self._drain_timer.cancel()
+        if self._budget_timer is not None:
+            self._budget_timer.cancel()
+            self._budget_timer = None
         if self.access_log is not None:
             self.access_log.close()
         self.reactor.stop()

@@ -310,6 +310,8 @@ class ClientConn(Protocol):
                 # A small body of a request that may be retried is kept until the exchange ends.
                 ex.kept = []
                 ex.kept_bytes = 0
+            else:
+                ex.kept = None
         buckets = ctx.buckets
         if buckets is not None:
             wait = buckets.take(client_ip, now)
@@ -335,9 +337,7 @@ class ClientConn(Protocol):
                 if pool is None:
                     return
         ex.pool_ref = pool
-        pool.requests += 1  # the retry budget's count of requests, handed over once a second
-        if now >= pool.budget_at:
-            pool.sync_budget(now)
+        pool.requests += 1  # the retry budget's count of requests (Pool.sync_budget)
         backend = pool.strategy.choose(req, client_ip) if pool.direct else self._choose(ex, pool, req, client_ip)
         if backend is None:
             if pool.all_full():
@@ -616,7 +616,10 @@ class ClientConn(Protocol):
             kept = ex.kept
             if kept is not None:
                 ex.kept_bytes += len(out)
-                if ex.kept_bytes <= REPLAY_MAX:
+                # The limit is on the body itself: for a chunked one, its decoded size (the framing
+                # kept with it is not counted).
+                decoder = body.decoder
+                if (decoder.total if decoder is not None else ex.kept_bytes) <= REPLAY_MAX:
                     kept.append(bytes(out))
                 else:
                     ex.kept = None  # too large to keep: this request is not retried once bytes left
@@ -836,7 +839,7 @@ class ClientConn(Protocol):
         pool = ex.pool_ref
         if req is None or pool is None or not pool.retry_on & condition:
             return None
-        if condition != RETRY_CONNECT and not (req.idempotent and (ex.kept is not None or not self._has_body(req))):
+        if condition != RETRY_CONNECT and not (req.idempotent and (not self._has_body(req) or ex.kept is not None)):
             return None
         failed = ex.failed
         if failed is None:
@@ -869,9 +872,10 @@ class ClientConn(Protocol):
         assert ex is not None and ex.req is not None
         self._sticky_moved(ex, backend)
         self.req_bytes = data = self._head_for(ex, ex.req, backend)
-        kept = ex.kept
-        if kept:
-            data = data + b"".join(kept)
+        if self._has_body(ex.req):
+            kept = ex.kept
+            if kept:
+                data = data + b"".join(kept)
         self._send_to(backend, data, len(data), False)
 
     def _sticky_moved(self, ex: Exchange, backend: Backend) -> None:

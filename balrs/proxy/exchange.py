@@ -240,7 +240,7 @@ class Exchange:
         self.edit: Optional[ResponseEdit] = None
         # The request body as sent upstream, kept for a retry while it stays within REPLAY_MAX (None:
         # not kept; a request without a body needs none). kept_bytes is set with it.
-        self.kept: Optional[List[Chunk]] = None
+        self.kept: Optional[List[Chunk]]  # set by the client side only for a request with a body
         self.kept_bytes: int
 
     def __repr__(self) -> str:

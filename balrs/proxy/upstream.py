@@ -283,10 +283,12 @@ class UpstreamConn(Protocol):
         backend = self.backend
         now = ex.t_response = self.ctx.reactor.now
         backend.observe(now - self.sent_at, now, status)
-        bad = 502 <= status <= 504 and self._bad_answer(ex, down, status)
-        if bad:
+        if 502 <= status <= 504:
+            bad = self._bad_answer(ex, down, status)
             if bad == BAD_RETRIED:
                 return
+            if not bad and backend.consecutive_errors:
+                self.ctx.outliers.success(backend)
         elif backend.consecutive_errors:
             self.ctx.outliers.success(backend)
         if not resp.keep_alive:
