@@ -1465,13 +1465,31 @@ def start_balrs(
     return once it accepts connections (on ``wait_addr`` if given, e.g. for ``--listen``).
     ``extra_listen``: more ``listen`` addresses after the first. ``admin``: also an ``[admin] listen``
     on a free port (``admin_addr``), waited for too."""
+    def text_for(port: int, admin_port: int | None) -> str:
+        text = lb_ini(["127.0.0.1:%d" % port, *extra_listen], backends, **balancer)
+        if admin_port is not None:
+            text += "\n[admin]\nlisten = 127.0.0.1:%d\n" % admin_port
+        return text
+
+    return start_config(workdir, text_for, args, name, wait_addr, admin)
+
+
+def start_config(
+    workdir: Path,
+    text_for: Callable[[int, int | None], str],
+    args: Sequence[str] = (),
+    name: str = "lb",
+    wait_addr: tuple[str, int] | None = None,
+    admin: bool = False,
+) -> BalrsProcess:
+    """Start balrs with the lb.ini ``text_for(port, admin_port)`` on free ports (``admin_port`` None
+    unless ``admin``), trying new ones if a chosen port was taken meanwhile; return once it accepts
+    connections (on ``wait_addr`` if given, and on the admin port, ``admin_addr``)."""
     last: Exception = StartError("not started")
     for attempt in range(3):
         port = free_port()
-        text = lb_ini(["127.0.0.1:%d" % port, *extra_listen], backends, **balancer)
         admin_addr = (HOST, free_port()) if admin else None
-        if admin_addr is not None:
-            text += "\n[admin]\nlisten = 127.0.0.1:%d\n" % admin_addr[1]
+        text = text_for(port, admin_addr[1] if admin_addr is not None else None)
         lb = BalrsProcess(workdir, text, port, args, name="%s-%d" % (name, attempt))
         lb.admin_addr = admin_addr
         try:

@@ -1,7 +1,7 @@
 """Integration: active health checks, passive ejection and slow start, against the real balrs process.
 
 ``conftest.make_lb`` writes only [balancer] keys, so this module writes its own lb.ini with a [health]
-section (``start_with_health``) and starts it with ``support.BalrsProcess``; processes are stopped by
+section (``start_with_health``) and starts it with ``support.start_config``; processes are stopped by
 PID in teardown. ``HealthBackend`` is the suite's ``TestBackend`` with a health endpoint whose answer
 the test sets (a status, or hang), its probes recorded apart from the traffic.
 """
@@ -17,9 +17,8 @@ from typing import Any, Callable, Optional
 import pytest
 from support import (
     BalrsProcess,
-    StartError,
+    start_config,
     TestBackend,
-    free_port,
     hget,
     lb_ini,
     request,
@@ -72,21 +71,13 @@ class HealthBackend(TestBackend):
 def start_with_health(workdir: Path, backends: Sequence[Any], health: Optional[dict[str, str]],
                       name: str = "lb", **balancer: object) -> BalrsProcess:
     """lb.ini = support.lb_ini(...) plus a [health] section; started on a free port."""
-    last: Exception = StartError("not started")
-    for attempt in range(3):
-        port = free_port()
+    def text_for(port: int, _admin_port: Optional[int]) -> str:
         text = lb_ini("127.0.0.1:%d" % port, backends, **balancer)
         if health is not None:
             text += "\n[health]\n" + "".join("%s = %s\n" % kv for kv in health.items())
-        lb = BalrsProcess(workdir, text, port, name="%s-%d" % (name, attempt))
-        try:
-            return lb.start()
-        except StartError as exc:
-            lb.kill()
-            last = exc
-            if "in use" not in str(exc).lower():
-                break
-    raise last
+        return text
+
+    return start_config(workdir, text_for, name=name)
 
 
 @pytest.fixture

@@ -30,12 +30,12 @@ from support import (
     HOST,
     BalrsProcess,
     Client,
+    BALANCER_DEFAULTS,
     Response,
-    StartError,
+    start_config,
     TestBackend,
     build,
     chunk_encode,
-    free_port,
     request,
     sha,
     wait_for,
@@ -119,15 +119,7 @@ class SourceClient(Client):
         self.reset = False
 
 
-BASE_KEYS: Dict[str, object] = {
-    "strategy": "round_robin",
-    "connect_timeout": "1s",
-    "header_timeout": "5s",
-    "client_timeout": "10s",
-    "backend_timeout": "5s",
-    "retries": "1",
-    "drain_timeout": "1s",
-}
+BASE_KEYS: Dict[str, object] = dict(BALANCER_DEFAULTS, drain_timeout="1s")
 
 
 def make_ini(port: int, admin_port: Optional[int], keys: Dict[str, object],
@@ -151,24 +143,8 @@ def make_ini(port: int, admin_port: Optional[int], keys: Dict[str, object],
 def launch(workdir: Path, name: str, backends: Sequence[Tuple[TestBackend, Optional[str]]], admin: bool = False,
            extra: str = "", health: Optional[Dict[str, str]] = None, **keys: object) -> BalrsProcess:
     """A balrs process on free ports (new ones if a port was taken meanwhile), listening when returned."""
-    last: Exception = StartError("not started")
-    for attempt in range(3):
-        port = free_port()
-        admin_port = free_port() if admin else None
-        text = make_ini(port, admin_port, keys, backends, extra, health)
-        lb = BalrsProcess(workdir, text, port, name="%s-%d" % (name, attempt))
-        lb.admin_addr = (HOST, admin_port) if admin_port is not None else None
-        try:
-            lb.start(wait_addr=lb.admin_addr)
-            if admin_port is not None:
-                lb.wait_listening(5.0)
-            return lb
-        except StartError as exc:
-            lb.kill()
-            last = exc
-            if "in use" not in str(exc).lower():
-                break
-    raise last
+    return start_config(workdir, lambda port, admin_port: make_ini(port, admin_port, keys, backends, extra, health),
+                        name=name, admin=admin)
 
 
 @pytest.fixture
@@ -324,11 +300,16 @@ def _rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             b.stop()
 
 
-@pytest.fixture
-def rig(_rig: Rig) -> Iterator[Rig]:
-    for b in _rig.b.values():
+def _fresh(backends: Dict[str, "PolicyBackend"]) -> None:
+    """Every backend of a shared rig back to answering 200, with nothing recorded."""
+    for b in backends.values():
         b.set("ok")
         b.reset()
+
+
+@pytest.fixture
+def rig(_rig: Rig) -> Iterator[Rig]:
+    _fresh(_rig.b)
     yield _rig
     assert _rig.lb.alive(), "balrs exited during this test; stderr:\n%s" % _rig.lb.log_tail()
 
@@ -738,9 +719,7 @@ def _sticky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StickyRigs]:
 
 @pytest.fixture
 def sticky(_sticky: StickyRigs) -> Iterator[StickyRigs]:
-    for b in _sticky.b.values():
-        b.set("ok")
-        b.reset()
+    _fresh(_sticky.b)
     yield _sticky
     for name, lb in _sticky.lb.items():
         assert lb.alive(), "balrs %s exited during this test; stderr:\n%s" % (name, lb.log_tail())
