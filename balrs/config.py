@@ -1773,7 +1773,8 @@ def _route(
 
 def parse_text(text: str, path: str) -> Config:
     """Parse lb.ini text; ``path`` only labels errors.  Raises ConfigError for the error nearest the top."""
-    text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark some editors write
+    if text.startswith("\ufeff"):  # a UTF-8 byte order mark some editors write
+        text = text[1:]
     errors: list[ConfigError] = []
     sections = _read(text, path, errors)
     config = _build(sections, path, errors)

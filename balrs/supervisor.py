@@ -51,6 +51,13 @@ STOP_GRACE = 5.0
 EXIT_BIND = 3
 
 
+def _exit_code(status: int) -> int:
+    """A wait status as an exit code, negative for a signal (``os.waitstatus_to_exitcode``, 3.9+)."""
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
 def run_worker(config: Config, overrides: Optional[Callable[[Config], Config]],
                control: Optional[socket.socket] = None) -> int:
     """Body of a worker process: a Balancer with SO_REUSEPORT listeners, without the admin endpoint
@@ -172,8 +179,8 @@ class Supervisor:
             signal.signal(signum, signal.SIG_DFL)
         # Until the worker's own handlers are installed, a reload or reopen signal must not kill it
         # (their default action is to terminate): it is ignored meanwhile.
-        for signum in (signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(signum, signal.SIG_IGN)
+        for held in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(held, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         # Closed without unregistering: the selector (the parent's registrations) goes with them.
         if self.admin is not None:
@@ -263,7 +270,7 @@ class Supervisor:
             if started is None:
                 continue
             self.collector.remove(pid)
-            code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
+            code = _exit_code(status)
             if self.stopping or started < 0:
                 log.info("supervisor: worker %d exited (%s)", pid, code)
                 continue

@@ -67,6 +67,8 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
+import sys
 import time
 from operator import attrgetter
 from typing import Callable
@@ -82,8 +84,33 @@ _SLOT_MASK = SLOTS - 1
 _TOP_SHIFT = SLOT_BITS * LEVELS  # cursor >> _TOP_SHIFT numbers the top level's window
 
 _floor = math.floor
-_nextafter = math.nextafter
 _INF = math.inf
+_double = struct.Struct("<d")
+_bits = struct.Struct("<Q")
+
+
+def _nextafter_bits(x: float, toward: float) -> float:
+    """``math.nextafter`` (3.9+) for Python 3.8: the float next to `x` in the direction of `toward`.
+
+    IEEE 754 doubles of one sign are ordered like their bit patterns read as integers, so the
+    neighbour is the pattern plus one (away from zero) or minus one (towards zero).
+    """
+    if x != x or toward != toward:
+        return x + toward  # NaN
+    if x == toward:
+        return toward
+    if x == 0.0:
+        return math.copysign(5e-324, toward)  # the smallest subnormal, on the side of `toward`
+    n = _bits.unpack(_double.pack(x))[0]
+    n += 1 if (toward > x) == (x > 0.0) else -1
+    result: float = _double.unpack(_bits.pack(n))[0]
+    return result
+
+
+if sys.version_info >= (3, 9):
+    _nextafter = math.nextafter
+else:
+    _nextafter = _nextafter_bits
 _by_when = attrgetter("when")
 
 # Timer._pos for timers not in a wheel slot (overflow, staged): no occupancy bit to clear.

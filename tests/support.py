@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Tuple, Union
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -222,7 +222,7 @@ class _Reader:
 
 def _parse_request_head(head: bytes) -> tuple[str, str, str, list[tuple[str, str]]]:
     lines = head.decode("latin-1").split("\n")
-    lines = [ln.removesuffix("\r") for ln in lines]
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
     while lines and not lines[-1]:
         lines.pop()
     parts = lines[0].split(" ") if lines else []
@@ -1448,7 +1448,7 @@ class BalrsProcess:
         return v
 
 
-BackendSpec = Union[AnyBackend, tuple[AnyBackend, int]]
+BackendSpec = Union[AnyBackend, Tuple[AnyBackend, int]]
 
 
 def start_balrs(

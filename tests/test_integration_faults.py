@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Callable
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 from support import (
@@ -50,7 +50,7 @@ QUICK = {"header_timeout": "400ms", "client_timeout": "400ms", "backend_timeout"
 # How late a timeout may fire on this loaded machine and still count as firing "at" its configured time.
 LATE = 1.1
 
-Shared = tuple[list[BalrsProcess], list[TestBackend], dict[str, str]]
+Shared = Tuple[List[BalrsProcess], List[TestBackend], Dict[str, str]]
 
 
 def _shared(tmp_path_factory: pytest.TempPathFactory, name: str, keys: dict[str, str]) -> Iterator[Shared]:

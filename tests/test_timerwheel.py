@@ -11,15 +11,18 @@ import heapq
 import logging
 import math
 import random
+import sys
 from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balrs.timerwheel import LEVELS, SLOTS, Timer, TimerWheel
+from balrs.timerwheel import LEVELS, SLOTS, Timer, TimerWheel, _nextafter_bits
 
 SPAN_TICKS: int = SLOTS**LEVELS  # ticks covered by the wheel proper; beyond that: overflow
+# math.nextafter is 3.9+; on 3.8 the tests use the wheel's own fallback (checked below against known values).
+nextafter: Callable[[float, float], float] = getattr(math, "nextafter", _nextafter_bits)
 
 
 class FakeClock:
@@ -245,7 +248,7 @@ def random_when(model: Model) -> float:
         when = (tick_of(now, res) + rng.randrange(-2, 5000)) * res
         direction = rng.choice([0, -1, 1])
         if direction:
-            when = math.nextafter(when, direction * math.inf)
+            when = nextafter(when, direction * math.inf)
         return when
     return now + random_delay(rng, res, model.span)
 
@@ -292,7 +295,7 @@ def random_advance(model: Model) -> float:
     earliest = model.earliest()
     if kind == 8 and earliest is not None:
         # Exactly at, or an ulp before, the earliest expiry.
-        return max(now, earliest if rng.random() < 0.5 else math.nextafter(earliest, -math.inf))
+        return max(now, earliest if rng.random() < 0.5 else nextafter(earliest, -math.inf))
     timeout = model.wheel.next_timeout(now)  # the reactor's own pattern
     return now + (timeout if timeout is not None else 1.0)
 
@@ -486,7 +489,7 @@ def test_tick_boundaries_and_float_rounding_never_early(resolution: float, start
     whens = set()
     for k in range(1, 400):
         boundary = (base + k) * resolution
-        whens.update({boundary, math.nextafter(boundary, math.inf), math.nextafter(boundary, -math.inf)})
+        whens.update({boundary, nextafter(boundary, math.inf), nextafter(boundary, -math.inf)})
         whens.add(start + k * resolution)  # the same boundary reached by addition
         whens.add(start + rng.uniform(0, 400 * resolution))
     whens_sorted = sorted(w for w in whens if w > start)
@@ -495,7 +498,7 @@ def test_tick_boundaries_and_float_rounding_never_early(resolution: float, start
     for when in whens_sorted:
         timers[when] = wheel.call_at(when, lambda when=when: fired.append(when))  # type: ignore[misc]
     for i, when in enumerate(whens_sorted):
-        before = math.nextafter(when, -math.inf)
+        before = nextafter(when, -math.inf)
         wheel.run(before)
         assert timers[when].active, f"fired early: when={when!r} now={before!r}"
         assert len(fired) == i
@@ -819,3 +822,39 @@ def test_run_between_timers_only_advances() -> None:
         assert wheel.run(0.5 + i * 0.001) == 0
     assert wheel._visits == visits
     assert wheel.run(30.0) == 1
+
+
+# ---- the Python 3.8 nextafter fallback -------------------------------------------------------------
+
+NEXTAFTER_CASES = [
+    (1.0, math.inf, 1.0 + 2.0**-52),
+    (1.0, -math.inf, 1.0 - 2.0**-53),
+    (-1.0, math.inf, -1.0 + 2.0**-53),
+    (-1.0, -math.inf, -1.0 - 2.0**-52),
+    (0.0, math.inf, 5e-324),
+    (0.0, -math.inf, -5e-324),
+    (-0.0, math.inf, 5e-324),
+    (5e-324, -math.inf, 0.0),
+    (-5e-324, math.inf, -0.0),
+    (sys.float_info.max, math.inf, math.inf),
+    (math.inf, -math.inf, sys.float_info.max),
+    (-math.inf, math.inf, -sys.float_info.max),
+    (2.0, 2.0, 2.0),
+    (1e9, 0.0, 1e9 - 2.0**-23),
+    (2.0**-1022, -math.inf, 2.0**-1022 - 5e-324),  # into the subnormals
+]
+
+
+@pytest.mark.parametrize("x,toward,expected", NEXTAFTER_CASES)
+def test_nextafter_fallback_known_values(x: float, toward: float, expected: float) -> None:
+    got = _nextafter_bits(x, toward)
+    assert got == expected and math.copysign(1.0, got) == math.copysign(1.0, expected)
+    assert math.isnan(_nextafter_bits(math.nan, 1.0)) and math.isnan(_nextafter_bits(1.0, math.nan))
+
+
+@pytest.mark.skipif(not hasattr(math, "nextafter"), reason="math.nextafter is Python 3.9+")
+@given(st.floats(allow_nan=False), st.sampled_from([math.inf, -math.inf, 0.0, 1.0, -1.0]))
+def test_nextafter_fallback_matches_math(x: float, toward: float) -> None:
+    want = math.nextafter(x, toward)
+    got = _nextafter_bits(x, toward)
+    assert got == want and math.copysign(1.0, got) == math.copysign(1.0, want)
