@@ -97,6 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # `python -m balrs status [ADMIN_ADDR] [--watch]`: the live report (like the seed's -r flag).
         from .status import main as status_main
         return status_main(argv[1:])
+    if argv and argv[0] == "zipapp":
+        # `python -m balrs zipapp [-o balrs.pyz]`: a reproducible single-file build (pyz.py).
+        from .pyz import main as zipapp_main
+        return zipapp_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load(args.config)
