@@ -157,6 +157,22 @@ def test_runs_isolated(pyz_file: Path, tmp_path: Path, python: Path) -> None:
     assert bad.returncode == 2 and "bad.ini:3: [balancer] frobnicate" in bad.stderr, bad
 
 
+def test_too_old_pythons_get_the_version_message(pyz_file: Path) -> None:
+    """The root __main__.py and balrs/__init__.py parse on 2.7: an old interpreter says why it stops."""
+    ran = 0
+    for version in ("2.7.18", "3.6.15"):
+        python = PYENV / version / "bin" / "python"
+        if not python.exists():
+            continue
+        p = subprocess.run([str(python), "-E", "-s", str(pyz_file), "--version"], capture_output=True, text=True,
+                           timeout=30)
+        assert p.returncode == 2, p
+        assert p.stderr.strip() == "balrs needs Python 3.8 or newer (this is %s)" % version, p
+        ran += 1
+    if not ran:
+        pytest.skip("no Python 2.7 or 3.6 installed")
+
+
 def test_serves_a_request(pyz_file: Path, tmp_path: Path) -> None:
     """The real thing: ``python -I balrs.pyz lb.ini`` in front of a test backend, stopped by SIGTERM."""
     backend = TestBackend("z1")
