@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .accesslog import RateLimitFilter
+from .listener import ListenError
 from .tls import load_tls
 from .config import DEFAULT_POOL, STRATEGIES, Config, ConfigError, PoolConfig, load, parse_address
 
@@ -20,12 +21,27 @@ log = logging.getLogger("balrs")
 
 LOG_FORMAT = "%(asctime)s balrs[%(process)d] %(levelname)s: %(message)s"
 
+# The subcommands main() dispatches before the balancer's own arguments, as `--help` lists them:
+# (usage after "balrs ", what it does). Add a command here when main() learns it.
+SUBCOMMANDS = [
+    ("status [ADMIN_ADDR] [--watch]", "live report of a running balrs ([admin])"),
+    ("demo", "a self-contained demo on 127.0.0.1"),
+    ("zipapp [-o balrs.pyz]", "build balrs as one runnable file"),
+]
+
+
+def _commands_epilog() -> str:
+    width = max(len(usage) for usage, _ in SUBCOMMANDS) + len("balrs ")
+    return "commands:\n" + "\n".join("  %-*s  %s" % (width, "balrs " + usage, what) for usage, what in SUBCOMMANDS)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="balrs",
-        description="balrs: an HTTP/1.1 load balancer in pure Python. Runs in the foreground and logs to "
-                    "stderr; SIGTERM or SIGINT drains and exits 0.",
+        description="balrs: an HTTP/1.1 load balancer in pure Python. Runs in the foreground and\n"
+                    "logs to stderr; SIGTERM or SIGINT drains and exits 0.",
+        epilog=_commands_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the command list's columns
     )
     p.add_argument("config", metavar="lb.ini", help="the configuration file")
     p.add_argument("--check", action="store_true",
@@ -52,7 +68,9 @@ def apply_overrides(config: Config, listen: Optional[str], strategy: Optional[st
                     raise ValueError("--listen %s: %s" % (item, exc)) from None
         if not addrs:
             raise ValueError("--listen: no address given")
-        config = dataclasses.replace(config, listen=tuple(addrs))
+        # Not the file's addresses any more: an error about them names --listen, not a line.
+        lines = tuple(k for k in config.key_lines if k[:2] != ("balancer", "listen"))
+        config = dataclasses.replace(config, listen=tuple(addrs), key_lines=lines)
     if strategy is not None:
         canonical = STRATEGIES.get(strategy.lower())
         if canonical is None:
@@ -134,8 +152,7 @@ def run(config: Config, overrides: Optional[Callable[[Config], Config]] = None) 
         try:
             return Supervisor(config, overrides).run()
         except OSError as exc:
-            log.error("%s", exc.strerror or exc)
-            return 1
+            return _start_failed(config, exc)
     from .server import Balancer
     try:
         balancer = Balancer(config, overrides=overrides)
@@ -146,14 +163,9 @@ def run(config: Config, overrides: Optional[Callable[[Config], Config]] = None) 
     balancer.install_signal_handlers()
     try:
         balancer.listen()
+        balancer.start()  # the admin endpoint binds here
     except OSError as exc:
-        log.error("%s", exc.strerror or exc)
-        return 1
-    try:
-        balancer.start()
-    except OSError as exc:
-        log.error("%s", exc.strerror or exc)
-        return 1
+        return _start_failed(config, exc)
     log.info("balrs %s listening on %s; strategy %s; backends %s", __version__,
              ", ".join(str(a) for a in config.listen), config.strategy,
              ", ".join("%s=%s" % (b.name, b.address) for b in config.backends))
@@ -161,6 +173,23 @@ def run(config: Config, overrides: Optional[Callable[[Config], Config]] = None) 
         return balancer.run()
     finally:
         balancer.reactor.close()
+
+
+def _start_failed(config: Config, exc: OSError) -> int:
+    """A start-up OSError. A listen address that cannot be bound is reported like an error in the file,
+    with its line and key (``lb.ini:9: [admin] listen: cannot listen on 127.0.0.1:9100: Address already
+    in use``), exit 2; anything else is logged, exit 1."""
+    if not isinstance(exc, ListenError):
+        log.error("%s", exc.strerror or exc)
+        return 1
+    admin = config.admin
+    section = "admin" if admin is not None and exc.address in admin.listen else "balancer"
+    message = exc.strerror or str(exc)
+    if config.line_of(section, "listen"):
+        sys.stderr.write("%s\n" % config.error(section, "listen", message))
+    else:
+        sys.stderr.write("balrs: --listen: %s\n" % message)
+    return 2
 
 
 def _main_entry(argv: Optional[List[str]] = None) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "HealthConfig",
+    "describe_changes",
     "LogConfig",
     "PoolConfig",
     "RouteConfig",
@@ -299,6 +300,20 @@ class Config:
     client_rate: float = 0.0
     client_burst: int = 0
     client_connections: int = 0
+    # (section, key, line) of every key in the file, for errors found after parsing (a listen address
+    # that cannot be bound): see line_of. Not compared: moving a key is no change of configuration.
+    key_lines: tuple[tuple[str, str, int], ...] = field(default=(), compare=False, repr=False)
+
+    def line_of(self, section: str, key: str) -> int:
+        """The line of ``key`` in ``[section]`` ("balancer", "admin", "backend b1"); 0 if not in the file."""
+        for s, k, line in self.key_lines:
+            if s == section and k == key:
+                return line
+        return 0
+
+    def error(self, section: str, key: str, message: str) -> ConfigError:
+        """A ConfigError about ``key`` of ``[section]``, at its line (``lb.ini:9: [admin] listen: ...``)."""
+        return ConfigError(self.path, self.line_of(section, key), message, section, key)
 
 
 class ConfigError(ValueError):
@@ -1493,10 +1508,12 @@ def _parse_section(section: _Section, path: str, errors: list[ConfigError]) -> d
     table = _NAMED_HEALTH_KEYS if section.kind == "health" and section.label else _SECTION_KEYS[section.kind]
     multiline = _MULTILINE_KEYS.get(section.kind, frozenset())
     values: dict[str, Any] = {}
+    suggested: set[str] = set()  # keys an unknown key's "did you mean" names
     for key, entry in section.entries.items():
         spec = table.get(key)
         if spec is None:
             hint = difflib.get_close_matches(key, list(table), n=1)
+            suggested.update(hint)
             message = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
             errors.append(ConfigError(path, entry.line, message, section.name, key))
             continue
@@ -1524,7 +1541,10 @@ def _parse_section(section: _Section, path: str, errors: list[ConfigError]) -> d
         if key in section.entries:
             continue
         if default is _REQUIRED:
-            errors.append(ConfigError(path, section.line, "required key is missing", section.name, key))
+            # A misspelt required key (`adress = ...`) is one mistake: its "unknown key (did you mean
+            # 'address'?)" says it all, and reporting the header line's "missing" first would hide it.
+            if key not in suggested:
+                errors.append(ConfigError(path, section.line, "required key is missing", section.name, key))
         else:
             values[key] = default
     return values
@@ -1625,6 +1645,7 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
         healths=tuple(_named_health(section, values, health) for section, values in named_healths),
         routes=tuple(route for route in routes if route is not None),
         tls=tls_config,
+        key_lines=tuple((s.name, e.key, e.line) for s in sections if s.kind for e in s.entries.values()),
         **balancer,
     )
 
@@ -1797,3 +1818,28 @@ def load(path: str) -> Config:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError(path, line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x})") from None
     return parse_text(text, path)
+
+
+def describe_changes(old: Config, new: Config) -> list[str]:
+    """What a reload changes in how requests are balanced, for its log line: backend weights
+    (``weight b2 1 -> 5``), [balancer] strategy (``strategy round_robin -> least_conn``, or just
+    ``strategy round_robin`` when it stays) and the strategy of each pool that sets its own
+    (``pool api strategy random -> least_conn``). Backends added and removed are the pool's to say
+    (it matches them by name and address)."""
+    changes = []
+    old_weights = {b.name: b.weight for b in old.backends}
+    weights = [f"{b.name} {old_weights[b.name]} -> {b.weight}" for b in new.backends
+               if b.name in old_weights and old_weights[b.name] != b.weight]
+    if weights:
+        changes.append(("weight " if len(weights) == 1 else "weights ") + ", ".join(weights))
+    changes.append(f"strategy {old.strategy} -> {new.strategy}" if old.strategy != new.strategy
+                   else f"strategy {new.strategy}")
+    old_pools = {p.name: p for p in old.pools}
+    for pool in new.pools:
+        before = old_pools.get(pool.name)
+        if before is None or (before.strategy is None and pool.strategy is None):
+            continue  # a new pool, or one that follows [balancer] strategy (said above)
+        was, now = before.strategy or old.strategy, pool.strategy or new.strategy
+        if was != now:
+            changes.append(f"pool {pool.name} strategy {was} -> {now}")
+    return changes

@@ -18,7 +18,7 @@ from .config import Address
 from .reactor import EVENT_READ, Reactor
 from .timerwheel import Timer
 
-__all__ = ["Listener", "bind_listener", "LISTEN_BACKLOG"]
+__all__ = ["Listener", "ListenError", "bind_listener", "LISTEN_BACKLOG"]
 
 log = logging.getLogger("balrs")
 
@@ -31,11 +31,23 @@ _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 AcceptCallback = Callable[[socket.socket, Any, Address], bool]
 
 
+class ListenError(OSError):
+    """A listen address that cannot be bound: ``strerror`` is ``cannot listen on ADDR: why``, and
+    ``address`` the Address, so that the command line can name the key it came from."""
+
+    def __init__(self, errno_: int, message: str, address: Address) -> None:
+        super().__init__(errno_, message)
+        self.address = address
+
+
 def bind_listener(addr: Address, reuse_port: bool = False, listen: bool = True) -> socket.socket:
-    """A non-blocking listening socket for ``addr`` (only bound if not ``listen``). Raises OSError
-    naming the address."""
-    infos = socket.getaddrinfo(addr.host, addr.port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP,
-                               socket.AI_PASSIVE)
+    """A non-blocking listening socket for ``addr`` (only bound if not ``listen``). Raises ListenError
+    (an OSError) naming the address."""
+    try:
+        infos = socket.getaddrinfo(addr.host, addr.port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP,
+                                   socket.AI_PASSIVE)
+    except OSError as exc:  # a host name that does not resolve
+        raise ListenError(exc.errno or 0, "cannot listen on %s: %s" % (addr, exc.strerror or exc), addr) from None
     family, _type, _proto, _canon, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -51,7 +63,7 @@ def bind_listener(addr: Address, reuse_port: bool = False, listen: bool = True) 
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, "cannot listen on %s: %s" % (addr, exc.strerror or exc)) from None
+        raise ListenError(exc.errno or 0, "cannot listen on %s: %s" % (addr, exc.strerror or exc), addr) from None
     return sock
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from .accesslog import LogSink, RequestIds, make_formatter
 from .admin import AdminServer
-from .config import Address, AdminConfig, Config, ConfigError, LogConfig, load
+from .config import Address, AdminConfig, Config, ConfigError, LogConfig, describe_changes, load
 from .health import Health
 from .limits import ClientBuckets, ClientConnections
 from .listener import Listener
@@ -44,6 +44,9 @@ ACCEPT_BATCH = 64
 # After EMFILE/ENFILE, stop accepting this long instead of spinning on a listener we cannot serve
 # (CPython's _accept_connection backs off 1s; shorter recovers faster once descriptors free up).
 ACCEPT_BACKOFF = 0.1
+# Exit status after a second SIGINT cut requests in flight off (a drain that ran its course exits 0, even
+# one that drain_timeout ended: that is the configured way to stop).
+EXIT_CUT_OFF = 1
 
 
 class Balancer:
@@ -354,15 +357,19 @@ class Balancer:
         self.listener.resume()
         self.pool.wake()
         self._arm_budgets()
-        log.info("reloaded: %d backend(s)%s%s; strategy %s", len(self.pool.backends),
+        # e.g. "reloaded: 3 backend(s); added b3; removed b1; weight b2 1 -> 5; strategy round_robin"
+        log.info("reloaded: %d backend(s)%s%s; %s", len(self.pool.backends),
                  "; added %s" % ", ".join(b.name for b in added) if added else "",
-                 "; removed %s" % ", ".join(b.name for b in removed) if removed else "", config.strategy)
+                 "; removed %s" % ", ".join(b.name for b in removed) if removed else "",
+                 "; ".join(describe_changes(old, config)))
         self.log_routes()
 
     def _on_stop_signal(self, signum: int) -> None:
         if self.draining:
             if signum == signal.SIGINT:
-                log.warning("second SIGINT: stopping now")
+                log.warning("second SIGINT: stopping now, cutting off %d connection(s) still open; exit status %d",
+                            len(self.clients), EXIT_CUT_OFF)
+                self.exit_code = EXIT_CUT_OFF
                 self.stop()
             return
         log.info("%s: draining (up to %gs)", signal.Signals(signum).name, self.settings.drain_timeout)

@@ -49,6 +49,8 @@ MAX_RESTART_DELAY = 10.0
 STOP_GRACE = 5.0
 # Exit status of a worker that could not bind its listen addresses.
 EXIT_BIND = 3
+# Exit status after a second SIGINT cut requests in flight off (as a single process's, server.py).
+EXIT_CUT_OFF = 1
 
 
 def _exit_code(status: int) -> int:
@@ -192,8 +194,11 @@ class Supervisor:
     # ---- signals -------------------------------------------------------------------------------
     def _on_stop(self, signum: int) -> None:
         if self.stopping:
-            if signum == signal.SIGINT:
-                self._signal_all(signal.SIGINT)  # a second Ctrl-C: the workers stop at once
+            if signum == signal.SIGINT:  # a second Ctrl-C: the workers stop at once
+                log.warning("supervisor: second SIGINT: workers stop now, cutting off requests in flight; "
+                            "exit status %d", EXIT_CUT_OFF)
+                self.exit_code = EXIT_CUT_OFF
+                self._signal_all(signal.SIGINT)
             return
         self.stopping = True
         log.info("supervisor: %s, draining %d workers", signal.Signals(signum).name, len(self.workers))

@@ -888,9 +888,10 @@ class TestAdminProcess:
             rc, _out, err = run_balrs(str(path))
         finally:
             taken.close()
-        assert rc == 1
+        assert rc == 2, err  # a start-up error like those in the file, with its line and key
         assert "Traceback" not in err
-        assert "cannot listen on 127.0.0.1:%d" % port in err
+        assert "lb.ini:%d: [admin] listen: cannot listen on 127.0.0.1:%d" % (
+            path.read_text().splitlines().index("listen = 127.0.0.1:%d" % port) + 1, port) in err
         assert len(err.strip().splitlines()) == 1, err
 
     def test_workers_answer_through_the_supervisor(self, admin_lb: Callable[..., AdminLB]) -> None:

@@ -784,9 +784,9 @@ def test_admin_port_taken_fails_cleanly(tmp_path: Path) -> None:
         rc, _out, err = run_balrs(str(path))
     finally:
         taken.close()
-    assert rc == 1, err
+    assert rc == 2, err
     assert "Traceback" not in err
-    assert "cannot listen on 127.0.0.1:%d" % port in err
+    assert "[admin] listen: cannot listen on 127.0.0.1:%d" % port in err
     assert len(err.strip().splitlines()) == 1, err
 
 

@@ -147,7 +147,8 @@ def test_objects_are_frozen() -> None:
 @pytest.mark.parametrize(
     "table, cls, skip",
     [
-        (C._BALANCER_KEYS, C.Config, {"path", "health", "backends", "admin", "log", "pools", "healths", "routes", "tls"}),
+        (C._BALANCER_KEYS, C.Config, {"path", "health", "backends", "admin", "log", "pools", "healths", "routes", "tls",
+                                      "key_lines"}),
         (C._HEALTH_KEYS, C.HealthConfig, set()),
         (C._BACKEND_KEYS, C.BackendConfig, {"name", "line"}),
         (C._ADMIN_KEYS, C.AdminConfig, set()),

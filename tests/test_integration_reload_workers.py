@@ -253,12 +253,13 @@ def _reuseport_listener(port: int) -> socket.socket:
 
 
 def _start_expecting_refusal(tmp_path: Any, text: str, port: int, name: str) -> str:
-    """Start balrs and expect it to exit 1 at once; its stderr. (A balrs that starts anyway is stopped.)"""
+    """Start balrs and expect it to exit 2 at once (a start-up error); its stderr. (A balrs that starts
+    anyway is stopped.)"""
     proc = BalrsProcess(tmp_path, text, port, name=name).start(wait=False)
     try:
         rc = proc.wait_exit(15)
         err = proc.log_text()
-        assert rc == 1, "balrs did not refuse (exit status %s); stderr:\n%s" % (rc, err[-2000:])
+        assert rc == 2, "balrs did not refuse (exit status %s); stderr:\n%s" % (rc, err[-2000:])
         return err
     finally:
         proc.stop()
