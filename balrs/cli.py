@@ -12,6 +12,7 @@ from typing import Callable, List, Optional, Sequence
 from . import __version__
 from .accesslog import RateLimitFilter
 from .listener import ListenError
+from .pystrategy import check_strategies
 from .tls import load_tls
 from .config import DEFAULT_POOL, STRATEGIES, Config, ConfigError, PoolConfig, load, parse_address
 
@@ -124,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = load(args.config)
         config = apply_overrides(config, args.listen, args.strategy)
         load_tls(config)  # certificates and CA files: a file that cannot be loaded is a config error
+        check_strategies(config)  # Python strategies: a class that cannot be loaded is a config error
     except ConfigError as exc:
         sys.stderr.write("%s\n" % exc)
         return 2

@@ -172,7 +172,7 @@ class PoolConfig:
     [balancer]; ``health`` names a [health NAME] section ("" = the plain [health] section)."""
 
     name: str
-    strategy: str | None = None
+    strategy: str | None = None  # a name of STRATEGIES' values, or a Python strategy "package.module:Name"
     hash_key: str | None = None
     retries: int | None = None
     queue_timeout: float | None = None
@@ -237,6 +237,9 @@ class TLSConfig:
 @dataclass(frozen=True)
 class AdminConfig:
     listen: tuple[Address, ...]
+    token_file: str = ""  # the write API's bearer token is in this file ("" = writes answer 403)
+    # The token read from token_file (at load and at every reload), never printed.
+    token: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,7 @@ class LogConfig:
 class Config:
     path: str
     listen: tuple[Address, ...]
-    strategy: str = DEFAULT_STRATEGY
+    strategy: str = DEFAULT_STRATEGY  # a name of STRATEGIES' values, or a Python strategy "package.module:Name"
     hash_key: str = DEFAULT_HASH_KEY
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
@@ -689,11 +692,22 @@ def _parse_rate(text: str) -> float:
     return float(s)
 
 
+# A Python strategy: ``package.module:Name`` (Name may be dotted: Outer.Inner). pystrategy.check_strategies
+# loads it; nothing is imported here.
+_PYTHON_STRATEGY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+                                 r":[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def _parse_strategy(text: str) -> str:
-    canonical = STRATEGIES.get(text.strip().lower())
+    s = text.strip()
+    if ":" in s:
+        if not _PYTHON_STRATEGY_RE.fullmatch(s):
+            raise ValueError(f"{s!r} is not a Python strategy (expected package.module:ClassName)")
+        return s
+    canonical = STRATEGIES.get(s.lower())
     if canonical is None:
         names = ", ".join(STRATEGIES)
-        raise ValueError(f"unknown strategy {text.strip()!r} (expected one of {names})")
+        raise ValueError(f"unknown strategy {s!r} (expected one of {names}, or package.module:ClassName)")
     return canonical
 
 
@@ -1335,6 +1349,7 @@ _ROUTE_MODIFIERS = (
 
 _ADMIN_KEYS: dict[str, tuple[_Parser, object]] = {
     "listen": (_parse_admin_listen, _REQUIRED),
+    "token_file": (_parse_optional_path, ""),
 }
 
 # Keys of [log] are the LogConfig fields of the same name.
@@ -1585,7 +1600,7 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
         elif section.kind == "health":
             health = HealthConfig(**values)
         elif section.kind == "admin":
-            admin = AdminConfig(**values)
+            admin = _admin_config(section, values, path, errors)
             admin_section = section
         elif section.kind == "log":
             log_config = LogConfig(**values)
@@ -1648,6 +1663,29 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
         key_lines=tuple((s.name, e.key, e.line) for s in sections if s.kind for e in s.entries.values()),
         **balancer,
     )
+
+
+def _admin_config(section: _Section, values: dict[str, Any], path: str, errors: list[ConfigError]) -> AdminConfig:
+    """[admin], with the write API's token read from ``token_file`` (an error names the key's line)."""
+    token = ""
+    token_file = values.get("token_file", "")
+    if token_file:
+        line = section.entries["token_file"].line
+        try:
+            with open(token_file, "rb") as f:
+                raw = f.read(4097)
+        except OSError as exc:
+            errors.append(ConfigError(path, line, f"cannot read {token_file}: {exc.strerror or exc}", "admin",
+                                      "token_file"))
+            raw = b""
+        else:
+            text = raw.decode("utf-8", "replace").strip()
+            if len(raw) > 4096 or not text or any(c.isspace() or not c.isprintable() for c in text):
+                errors.append(ConfigError(path, line, f"{token_file} must hold one token: 1 to 4096 printable "
+                                          "characters without spaces", "admin", "token_file"))
+            else:
+                token = text
+    return AdminConfig(token=token, **values)
 
 
 def _tls_config(section: _Section, values: dict[str, Any], path: str, errors: list[ConfigError]) -> TLSConfig | None:

@@ -31,6 +31,7 @@ from .settings import Settings
 from .strategies import make_strategy
 from .timerwheel import Timer
 from .edge import ProxyHeaderPhase, make_peer
+from .pystrategy import check_strategies
 from .tls import EdgeTLS, load_tls
 from .transport import Acceptor, Transport
 
@@ -67,6 +68,7 @@ class Balancer:
         self.settings = Settings.from_config(config)
         # TLS contexts (listen certificates, backends'): raises ConfigError for a file it cannot load.
         self.tls: EdgeTLS = load_tls(config)
+        check_strategies(config)  # ConfigError: a Python strategy that cannot be loaded
         reactor = self.reactor
         self.pool = Pools(config, reactor.clock, reactor.call_soon, make_strategy=make_strategy)
         self._apply_tls(self.tls)
@@ -297,6 +299,7 @@ class Balancer:
             if self.overrides is not None:
                 config = self.overrides(config)
             tls = load_tls(config, self.tls)
+            check_strategies(config)
         except (ConfigError, ValueError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return False
@@ -315,6 +318,7 @@ class Balancer:
         old = self.config
         if tls is None:
             tls = load_tls(config, self.tls)  # ConfigError: a certificate that cannot be loaded
+        check_strategies(config)  # ConfigError: a Python strategy that cannot be loaded (imported once)
         sink = self._open_log(config.log)  # an unwritable access log refuses the reload here
         new_admin, old_admin = self._admin_config(config), self._admin_config(old)
         admin_moved = new_admin is not None and self.admin is not None and new_admin != old_admin

@@ -14,6 +14,7 @@ They are expected to be positive; the table-driven strategies also accept non-in
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 import struct
@@ -26,6 +27,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Callable, Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
 from .http.heads import cookie_value
+from .pystrategy import BackendView, RequestView, describe_error, is_python_strategy, load_class
 
 if TYPE_CHECKING:
     from .http.heads import RequestHead
@@ -35,7 +37,7 @@ __all__ = [
     "Strategy", "RoundRobin", "LeastConnections", "WeightedLeastConnections", "LeastResponseTime",
     "WeightedLeastResponseTime", "PowerOfTwo", "Random", "IpHash", "ConsistentHash",
     "make_strategy", "smooth_weighted_sequence", "STRATEGY_CLASSES", "cookie_value",
-    "DECAY_HALF_LIFE", "VNODES_PER_WEIGHT", "HASH_BALANCE_FACTOR",
+    "DECAY_HALF_LIFE", "VNODES_PER_WEIGHT", "HASH_BALANCE_FACTOR", "PythonStrategy", "ERROR_LOG_INTERVAL",
 ]
 
 # A precomputed smooth round-robin schedule is kept up to this many entries; past it (very large weights
@@ -80,6 +82,7 @@ _exp = math.exp
 _GOLDEN64 = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
 _active = attrgetter("active")
+_log = logging.getLogger("balrs")
 
 
 class Strategy:
@@ -839,10 +842,113 @@ STRATEGY_CLASSES: Dict[str, Type[Strategy]] = {
 }
 
 
+class PythonStrategy(Strategy):
+    """A user's strategy class (``strategy = package.module:Name``, pystrategy.py), behind the Strategy
+    interface. It is told :class:`~balrs.pystrategy.BackendView` objects and asked with a
+    :class:`~balrs.pystrategy.RequestView`. Whatever goes wrong in the user's code (an exception from
+    the constructor, ``update`` or ``pick``, or a pick that is not one of the eligible backends) costs
+    only that request, which round robin over the same backends serves, and one error line a second
+    at most (with the count of those held back). After a failed ``update`` the user's picks are not
+    asked until an ``update`` succeeds (its view of the backends may be stale). ``pick`` returning
+    None means no preference: round robin chooses."""
+
+    name = "python"
+
+    def __init__(self, cls: type, spec: str, backends: Sequence[Backend] = (), *, hash_key: str = "client_ip",
+                 clock: Callable[[], float] = time.monotonic, rng: Optional[random.Random] = None) -> None:
+        self.spec = spec
+        self.fallback = RoundRobin((), hash_key=hash_key, clock=clock)
+        self.views: Dict[Backend, BackendView] = {}
+        self.stale = False           # the last update raised: round robin until one succeeds
+        self.errors = 0              # every failure of the user's code, ever
+        self.held_back = 0           # failures not logged since the last line
+        self.logged_at = -_INF
+        self.clock = clock
+        self.user: Optional[object] = None
+        try:
+            self.user = cls()
+        except Exception as exc:
+            self.failed("%s()" % cls.__name__, exc)
+        super().__init__(backends, hash_key=hash_key, clock=clock, rng=rng)
+
+    def failed(self, what: str, exc: Optional[BaseException], detail: str = "") -> None:
+        """Count a failure of the user's code; log it unless one was logged less than a second ago."""
+        self.errors += 1
+        now = self.clock()
+        if now - self.logged_at < ERROR_LOG_INTERVAL:
+            self.held_back += 1
+            return
+        reason = describe_error(exc) if exc is not None else detail
+        more = " (and %d more failures since the last report)" % self.held_back if self.held_back else ""
+        _log.error("strategy %s: %s: %s; round robin instead%s", self.spec, what, reason, more)
+        self.logged_at = now
+        self.held_back = 0
+
+    def update(self, backends: Sequence[Backend]) -> None:
+        self.backends = list(backends)
+        self.fallback.update(backends)
+        old = self.views
+        self.views = {b: old.get(b) or BackendView(b) for b in backends}
+        user = self.user
+        if user is None:
+            return
+        try:
+            user.update([self.views[b] for b in backends])  # type: ignore[attr-defined]
+        except Exception as exc:
+            self.stale = True
+            self.failed("update", exc)
+        else:
+            self.stale = False
+
+    def _ask(self, req: RequestHead, client_ip: str) -> Optional[Backend]:
+        """The user's pick as a backend, or None (no preference, or a failure already counted)."""
+        user = self.user
+        if user is None or self.stale:
+            return None
+        try:
+            view = user.pick(RequestView(req), client_ip)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self.failed("pick", exc)
+            return None
+        if view is None:
+            return None
+        backend = view._backend if isinstance(view, BackendView) else None
+        if backend is None or self.views.get(backend) is not view:
+            self.failed("pick", None, "returned %r, which is not one of the eligible backends it was given"
+                        % (view,))
+            return None
+        return backend
+
+    def choose(self, req: RequestHead, client_ip: str) -> Optional[Backend]:
+        if not self.backends:
+            return None
+        b = self._ask(req, client_ip)
+        return b if b is not None else self.fallback.choose(req, client_ip)
+
+    def choose_excluding(self, req: RequestHead, client_ip: str,
+                         exclude: Collection[Backend]) -> Optional[Backend]:
+        """The user's pick unless it is excluded (a retry, or at max_connections); then round robin
+        among the others."""
+        if not self.backends:
+            return None
+        b = self._ask(req, client_ip)
+        if b is not None and b not in exclude:
+            return b
+        return self.fallback.choose_excluding(req, client_ip, exclude)
+
+
+# A failing Python strategy logs one line per this many seconds at most (the rest are counted).
+ERROR_LOG_INTERVAL = 1.0
+
+
 def make_strategy(name: str, backends: Sequence[Backend], hash_key: str = "client_ip",
                   clock: Callable[[], float] = time.monotonic) -> Strategy:
-    """The strategy for a canonical name (config.STRATEGIES maps aliases to these). ``clock`` is the
-    pool's clock (least_response_time compares it with ``Backend.ewma_at``)."""
+    """The strategy for a canonical name (config.STRATEGIES maps aliases to these), or for a Python
+    strategy ``package.module:Name`` (loaded already by pystrategy.check_strategies, which knows the
+    configuration's directory). ``clock`` is the pool's clock (least_response_time compares it with
+    ``Backend.ewma_at``)."""
+    if is_python_strategy(name):
+        return PythonStrategy(load_class(name), name, backends, hash_key=hash_key, clock=clock)
     cls = STRATEGY_CLASSES.get(name)
     if cls is None:
         raise ValueError("strategy %r is not implemented" % name)

@@ -29,6 +29,7 @@ from typing import Callable, Dict, Optional, Sequence
 from . import __version__
 from .admin import AdminServer
 from .config import Address, Config, ConfigError, load
+from .pystrategy import check_strategies
 from .tls import load_tls
 from .control import SnapshotCollector, WorkerControl
 from .reactor import Reactor
@@ -220,6 +221,7 @@ class Supervisor:
             if self.overrides is not None:
                 config = self.overrides(config)
             load_tls(config)  # a certificate that cannot be loaded refuses the reload here
+            check_strategies(config)  # and so does a Python strategy
         except (ConfigError, ValueError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
