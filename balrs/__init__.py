@@ -16,7 +16,7 @@ before any other module of the package is read, with one line instead of a Synta
 import sys
 
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = ["__version__", "serve"]
 
 MIN_PYTHON = (3, 8)
 
@@ -54,3 +54,12 @@ if sys.version_info < (3, 8):  # MIN_PYTHON, written out so that type checkers s
         sys.stderr.write(too_old_message() + "\n")
         raise SystemExit(2)
     raise ImportError(too_old_message())
+
+
+def __getattr__(name):  # type: ignore[no-untyped-def]  # (untyped: this file parses on 2.7, see above)
+    """``balrs.serve`` (PEP 562): the embedding API, ``embed.py``, is imported on first use, so that
+    ``import balrs`` reads no other module and starts nothing (docs/embedding.md)."""
+    if name == "serve":
+        import importlib
+        return importlib.import_module(__name__ + ".embed").serve
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))

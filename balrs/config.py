@@ -444,8 +444,9 @@ def _parse_int(text: str) -> int:
     return int(s)
 
 
-def parse_address(text: str) -> Address:
-    """``host:port``; IPv6 literals in brackets (``[::1]:8080``).  Names are checked, not resolved."""
+def parse_address(text: str, any_port: bool = False) -> Address:
+    """``host:port``; IPv6 literals in brackets (``[::1]:8080``).  Names are checked, not resolved.
+    ``any_port``: port 0 is allowed (a listen address: the kernel picks a free port)."""
     s = text.strip()
     if not s:
         raise ValueError("empty address (expected host:port, e.g. 127.0.0.1:8080)")
@@ -476,7 +477,7 @@ def parse_address(text: str) -> Address:
         if not host:
             raise ValueError(f"address {s!r} has an empty host")
         _check_host_name(host)
-    return Address(host, _parse_port(port_text))
+    return Address(host, _parse_port(port_text, any_port))
 
 
 def _is_ipv6(text: str) -> bool:
@@ -487,13 +488,14 @@ def _is_ipv6(text: str) -> bool:
     return True
 
 
-def _parse_port(text: str) -> int:
+def _parse_port(text: str, any_port: bool = False) -> int:
     if not _DIGITS_RE.fullmatch(text):
         if not text:
             raise ValueError("port is missing")
         raise ValueError(f"port {text!r} is not a number")
-    if len(text) > 5 or not 1 <= int(text) <= 65535:
-        raise ValueError(f"port {text} is out of range 1..65535")
+    low = 0 if any_port else 1
+    if len(text) > 5 or not low <= int(text) <= 65535:
+        raise ValueError(f"port {text} is out of range {low}..65535")
     return int(text)
 
 
@@ -514,7 +516,8 @@ LISTEN_FLAGS = ("tls", "proxy")
 
 def _parse_listen(text: str, flags_allowed: bool = True) -> tuple[Address, ...]:
     """One or more addresses separated by commas and/or newlines (continuation lines), each optionally
-    followed by flags (``0.0.0.0:443 tls``, ``127.0.0.1:8081 tls proxy``)."""
+    followed by flags (``0.0.0.0:443 tls``, ``127.0.0.1:8081 tls proxy``). Port 0 is any free port
+    (for tests and embedding: ``balrs.serve`` reports the bound one)."""
     found: list[Address] = []
     for part, line_text in enumerate(text.split("\n")):
         for item in line_text.split(","):
@@ -527,7 +530,7 @@ def _parse_listen(text: str, flags_allowed: bool = True) -> tuple[Address, ...]:
                 )
             words = item.split()
             try:
-                address = parse_address(words[0])
+                address = parse_address(words[0], any_port=True)
             except ValueError as exc:
                 raise _PartError(str(exc), part) from None
             flags = [w.lower() for w in words[1:]]
@@ -1613,7 +1616,7 @@ def _build(sections: list[_Section], path: str, errors: list[ConfigError]) -> Co
                 backends.append(backend)
 
     if balancer is not None and admin is not None and admin_section is not None:
-        shared = [a for a in admin.listen if a in balancer["listen"]]
+        shared = [a for a in admin.listen if a in balancer["listen"] and a.port]  # port 0: two free ports
         if shared:
             line = admin_section.entries["listen"].line
             errors.append(
@@ -1726,6 +1729,11 @@ def _check_edge(balancer_section: _Section, balancer: dict[str, Any], tls_sectio
     if proxy and not balancer["trusted_proxies"]:
         errors.append(ConfigError(path, line, f"{proxy[0]} has the proxy flag, but trusted_proxies is not set"
                                   " (the peers whose PROXY header is believed)", "balancer", "listen"))
+    any_port = [a for a in listen if a.port == 0]
+    if any_port and balancer["workers"] > 1:
+        # Every worker binds its own socket (SO_REUSEPORT): port 0 would give each one another port.
+        errors.append(ConfigError(path, line, f"{any_port[0]}: port 0 (any free port) needs workers = 1",
+                                  "balancer", "listen"))
 
 
 def _named_health(
