@@ -15,15 +15,18 @@ socket for a few seconds and nothing else.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .adminapi import ADMIN_BODY_LIMIT, Writer, check_auth, describe, is_api_path, parse_write
+from .dashboard import DASHBOARD
 from .listener import Listener
 from .http.build import REASONS
 from .http.errors import ProtocolError
-from .http.heads import HeadBuffer, RequestHead, parse_request_head
+from .http.heads import CHUNKED, LENGTH, HeadBuffer, RequestHead, parse_request_head
 from .metrics import CONTENT_TYPE, STATUS_CONTENT_TYPE, Snapshot, json_body, metrics_text, status_of
 from .reactor import Reactor
 from .transport import Protocol, Transport
@@ -67,13 +70,6 @@ ADMIN_ACCEPT_BACKOFF = 0.5
 
 ALLOW = b"GET, HEAD"
 
-_INDEX = (
-    b"<!DOCTYPE html>\n<html><head><title>balrs admin</title></head><body>\n<h1>balrs admin</h1>\n<ul>\n"
-    b'<li><a href="/metrics">/metrics</a>: Prometheus text format</li>\n'
-    b'<li><a href="/status">/status</a>: backends and their state, JSON</li>\n'
-    b"</ul>\n</body></html>\n"
-)
-
 # The first AdminServer's creation time in this process (filled on first use, not at import).
 _FIRST_START: List[float] = []
 
@@ -84,6 +80,7 @@ _WAIT = 1
 _WRITE = 2
 _LINGER = 3
 _CLOSED = 4
+_BODY = 5  # a write request's body (Content-Length, at most ADMIN_BODY_LIMIT)
 
 
 def build_response(status: int, content_type: bytes, body: bytes, head_only: bool = False,
@@ -98,6 +95,11 @@ def build_response(status: int, content_type: bytes, body: bytes, head_only: boo
 def _error(status: int, head_only: bool = False, extra: bytes = b"") -> bytes:
     body = b"%d %s\n" % (status, REASONS.get(status, b"Error"))
     return build_response(status, b"text/plain; charset=utf-8", body, head_only, extra)
+
+
+def _json(status: int, doc: Dict[str, Any], extra: bytes = b"") -> bytes:
+    return build_response(status, b"application/json", json.dumps(doc, sort_keys=True).encode("utf-8") + b"\n",
+                          False, extra)
 
 
 def request_path(target: bytes) -> Optional[bytes]:
@@ -124,10 +126,13 @@ class AdminServer:
     reporting the snapshots ``source`` delivers."""
 
     def __init__(self, reactor: Reactor, listen: Sequence[Address], source: SnapshotSource,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, writer: Optional[Writer] = None, token: str = "") -> None:
         self.reactor = reactor
         self.listen = tuple(listen)
         self.source = source
+        # The write API (adminapi.py): how an action is applied, and the bearer token ("" = writes 403).
+        self.writer = writer
+        self.token = token
         self.conns: Dict[_AdminConn, None] = {}
         self.listener = Listener(reactor, "admin accept", self._new_conn, ADMIN_ACCEPT_BATCH,
                                  ADMIN_ACCEPT_BACKOFF, reuse_port,
@@ -184,7 +189,8 @@ class AdminServer:
             conn.sock.close()
 
     def _new_conn(self, sock: socket.socket, peer: object, _addr: object) -> bool:
-        conn = _AdminConn(self, sock)
+        who = "%s:%s" % (peer[0], peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        conn = _AdminConn(self, sock, who)
         self.conns[conn] = None
         return len(self.conns) < ADMIN_MAX_CONNECTIONS
 
@@ -194,17 +200,21 @@ class AdminServer:
             self.listener.resume()
 
     # ---- answering ------------------------------------------------------------------------------
-    def handle(self, conn: _AdminConn, req: RequestHead) -> None:
-        """Answer one request on ``conn`` (now, or when the snapshot source delivers)."""
+    def handle(self, conn: _AdminConn, req: RequestHead, body: bytes = b"") -> None:
+        """Answer one request on ``conn`` (now, or when the snapshot source or the writer delivers)."""
         head_only = req.method == b"HEAD"
         path = request_path(req.target)
         log.debug("admin: %s %s", req.method.decode("ascii", "replace"), req.target[:200].decode("ascii", "replace"))
-        if path not in (b"/", b"/metrics", b"/status"):
+        if path is not None and is_api_path(path):
+            self._write(conn, req, path, body)
+        elif path not in (b"/", b"/metrics", b"/status"):
             conn.respond(_error(404, head_only))
         elif req.method not in (b"GET", b"HEAD"):
             conn.respond(_error(405, extra=b"Allow: %s\r\n" % ALLOW))
         elif path == b"/":
-            conn.respond(build_response(200, b"text/html; charset=utf-8", _INDEX, head_only))
+            conn.respond(build_response(200, b"text/html; charset=utf-8", DASHBOARD, head_only,
+                                        b"Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; "
+                                        b"script-src 'unsafe-inline'; img-src 'self' data:\r\n"))
         else:
             try:
                 self.source(lambda snap: conn.respond(self.render(path, snap, head_only)))
@@ -212,6 +222,45 @@ class AdminServer:
                 log.error("admin: cannot answer %s: %s: %s", path.decode("ascii", "replace"),
                           type(exc).__name__, exc)
                 conn.respond(_error(500, head_only))
+
+    def _write(self, conn: _AdminConn, req: RequestHead, path: bytes, body: bytes) -> None:
+        """A write API request: authenticate, parse, apply (adminapi.py), answer JSON."""
+        denied = check_auth(self.token, req.header(b"authorization"))
+        who = conn.peer
+        if denied:
+            log.warning("admin: %s %s from %s refused (%s)", req.method.decode("ascii", "replace"),
+                        path[:200].decode("ascii", "replace"), who,
+                        "no token configured" if not self.token else
+                        "no bearer token" if denied == 401 else "wrong token")
+            message = ("writes are disabled: set [admin] token_file" if not self.token else
+                       "an Authorization: Bearer token is required" if denied == 401 else "wrong token")
+            conn.respond(_json(denied, {"error": message},
+                               b'WWW-Authenticate: Bearer realm="balrs"\r\n' if denied == 401 else b""))
+            return
+        parsed = parse_write(req.method, path, body)
+        if isinstance(parsed, tuple):
+            status, doc = parsed
+            allow = doc.pop("allow", None)
+            conn.respond(_json(status, doc, b"Allow: %s\r\n" % allow.encode("ascii") if allow else b""))
+            return
+        action = parsed
+        writer = self.writer
+        if writer is None:
+            conn.respond(_json(503, {"error": "writes are not available here"}))
+            return
+
+        def done(status: int, doc: Dict[str, Any]) -> None:
+            if status < 300:
+                log.warning("admin: %s by %s: %s", describe(action), who, json.dumps(doc, sort_keys=True))
+            else:
+                log.info("admin: %s by %s failed: %d %s", describe(action), who, status, doc.get("error", ""))
+            conn.respond(_json(status, doc))
+
+        try:
+            writer(action, done)
+        except Exception as exc:  # a bug in a write must cost one answer, not the loop
+            log.exception("admin: cannot apply %s", describe(action))
+            conn.respond(_json(500, {"error": "%s: %s" % (type(exc).__name__, exc)}))
 
     def render(self, path: bytes, snap: Optional[Snapshot], head_only: bool = False) -> bytes:
         """The complete response for ``path`` (/metrics or /status) from ``snap``."""
@@ -236,15 +285,20 @@ class _AdminConn(Protocol):
     """One admin connection, a protocol on its :class:`~balrs.transport.Transport`: read a request
     head, write one response, linger, close."""
 
-    __slots__ = ("admin", "reactor", "tr", "state", "head", "deadline", "discarded")
+    __slots__ = ("admin", "reactor", "tr", "state", "head", "deadline", "discarded", "peer", "req", "body",
+                 "body_left")
 
-    def __init__(self, admin: AdminServer, sock: socket.socket) -> None:
+    def __init__(self, admin: AdminServer, sock: socket.socket, peer: str = "?") -> None:
         self.admin = admin
         self.reactor = admin.reactor
         self.state = _READ
         self.head = HeadBuffer(ADMIN_HEAD_LIMIT)
         self.discarded = 0
         self.deadline = 0.0
+        self.peer = peer  # who: the client's address, for the log of every write
+        self.req: Optional[RequestHead] = None
+        self.body = bytearray()
+        self.body_left = 0
         self.tr = Transport(self.reactor, sock, self, ADMIN_RECV_SIZE)
         self._set_deadline(self.reactor.now + ADMIN_REQUEST_TIMEOUT)
 
@@ -288,6 +342,8 @@ class _AdminConn(Protocol):
         state = self.state
         if state == _READ:
             self._head_data(data)
+        elif state == _BODY:
+            self._body_data(data)
         elif state == _LINGER:
             self.discarded += len(data)
             if self.discarded > ADMIN_LINGER_MAX_BYTES:
@@ -320,17 +376,43 @@ class _AdminConn(Protocol):
             log.debug("admin: bad request: %s", exc)
             self.respond(_error(exc.status))
             return
+        rest = bytes(self.head.buf)  # what followed the head: the start of its body
+        if req.framing == CHUNKED:
+            self.respond(_error(411))  # a write body is small: Content-Length, please (RFC 9110 §15.5.12)
+            return
+        if req.framing == LENGTH and req.length:
+            if req.length > ADMIN_BODY_LIMIT:
+                self.respond(_error(413))
+                return
+            self.state = _BODY
+            self.req = req
+            self.body_left = req.length
+            self.head = HeadBuffer(0)
+            if rest:
+                self._body_data(rest)
+            return
+        self._ready(req, b"")
+
+    def _body_data(self, data: bytes) -> None:
+        take = data[:self.body_left]
+        self.body += take
+        self.body_left -= len(take)
+        if self.body_left == 0 and self.req is not None:
+            self._ready(self.req, bytes(self.body))
+
+    def _ready(self, req: RequestHead, body: bytes) -> None:
         # Until the answer is ready nothing more is read (what the client sends waits in the kernel).
         self.state = _WAIT
         self.head = HeadBuffer(0)  # drop what was buffered
+        self.body = bytearray()
         self.tr.pause_reading()
         self._set_deadline(self.reactor.now + ADMIN_SEND_TIMEOUT)
-        self.admin.handle(self, req)
+        self.admin.handle(self, req, body)
 
     def respond(self, data: bytes) -> None:
         """Send ``data``, then close (after lingering). Ignored unless the answer is still owed (the
         connection may have closed while it waited for a snapshot)."""
-        if self.state not in (_READ, _WAIT):
+        if self.state not in (_READ, _WAIT, _BODY):
             return
         self.state = _WRITE
         self.head = HeadBuffer(0)  # drop what was buffered

@@ -6,7 +6,10 @@ on its own reactor, as a :class:`~balrs.transport.Transport`. Messages are JSON 
 and written with the same transport as the proxy's (try ``send``, wait for writability only after a
 partial send; STYLE habit 7), so neither side ever blocks on the other.
 
-One exchange exists: the supervisor asks ``{"id": N, "op": "snapshot"}`` and the worker answers
+The admin API's writes travel the same way: ``{"id": "wN", "op": "admin", "action": {...}}``, answered
+``{"id": "wN", "status": 200, "result": {...}}`` (see :meth:`SnapshotCollector.write`).
+
+For snapshots, the supervisor asks ``{"id": N, "op": "snapshot"}`` and the worker answers
 ``{"id": N, "snapshot": {...}}`` (``metrics.snapshot`` of its balancer). ``SnapshotCollector`` runs the
 supervisor's side: an admin request starts a *round* that asks every live worker and ends when all
 answered, or after ``COLLECT_TIMEOUT`` with what arrived; admin requests that come meanwhile join the
@@ -21,7 +24,9 @@ import logging
 import os
 import socket
 import struct
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .adminapi import Action, Writer
 
 from .metrics import Snapshot, merge
 from .reactor import Reactor
@@ -45,6 +50,10 @@ CONTROL_RECV_SIZE = 256 * 1024
 # arrived (Prometheus' default scrape_timeout is 10s; a worker answers within one loop turn, so 500 ms
 # only runs out for a worker that is stuck or still starting).
 COLLECT_TIMEOUT = 0.5
+# How long an admin API write waits for every worker to apply it (a worker answers within a loop turn).
+WRITE_TIMEOUT = 2.0
+# Runtime changes remembered for workers started later (oldest dropped first).
+JOURNAL_MAX = 10000
 
 _HEADER = struct.Struct(">I")
 
@@ -180,15 +189,27 @@ class Channel(Protocol):
 
 # ---- the worker's side -------------------------------------------------------------------------------
 class WorkerControl:
-    """In a worker: answers the supervisor's questions on the control channel with ``snapshot()``."""
+    """In a worker: answers the supervisor's questions on the control channel with ``snapshot()``,
+    and applies the admin API's writes with ``write`` (``Balancer.admin_write``)."""
 
-    def __init__(self, reactor: Reactor, sock: socket.socket, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, reactor: Reactor, sock: socket.socket, snapshot: Callable[[], Snapshot],
+                 write: Optional[Writer] = None) -> None:
         self.snapshot = snapshot
+        self.write = write
         self.channel = Channel(reactor, sock, self._on_message, name="control channel")
 
     def _on_message(self, msg: Dict[str, Any]) -> None:
         op = msg.get("op")
         reply: Dict[str, Any] = {"id": msg.get("id")}
+        if op == "admin" and self.write is not None and isinstance(msg.get("action"), dict):
+            def deliver(status: int, doc: Dict[str, Any]) -> None:
+                self.channel.send({"id": msg.get("id"), "status": status, "result": doc})
+            try:
+                self.write(msg["action"], deliver)
+            except Exception as exc:  # a bug in a write must cost one answer, not the worker's loop
+                log.exception("control: cannot apply an admin action")
+                deliver(500, {"error": "%s: %s" % (type(exc).__name__, exc)})
+            return
         if op == "snapshot":
             try:
                 reply["snapshot"] = self.snapshot()
@@ -230,11 +251,33 @@ class _Round:
         self.timer: Optional[Timer] = None
 
 
+class _Write:
+    """An admin API write on its way to every worker."""
+
+    __slots__ = ("id", "action", "waiting", "answers", "asked", "deliver", "timer")
+
+    def __init__(self, write_id: str, action: Action, waiting: Sequence[int],
+                 deliver: Callable[[int, Dict[str, Any]], None]) -> None:
+        self.id = write_id
+        self.action = action
+        self.waiting = set(waiting)
+        self.asked = sorted(waiting)
+        self.answers: Dict[int, Tuple[int, Dict[str, Any]]] = {}
+        self.deliver = deliver
+        self.timer: Optional[Timer] = None
+
+
 class SnapshotCollector:
-    """In the supervisor: the workers' channels, and collection rounds for the admin endpoint.
+    """In the supervisor: the workers' channels, collection rounds for the admin endpoint, and the
+    admin API's writes.
 
     :meth:`collect` is an ``AdminServer`` snapshot source: it calls ``deliver`` with the merged
-    snapshot once every worker answered or ``timeout`` passed (None if no worker answered)."""
+    snapshot once every worker answered or ``timeout`` passed (None if no worker answered).
+    :meth:`write` is its writer: the action goes to every live worker and is answered once all of them
+    applied it (their common answer), or, when some did not (an error, or no answer within
+    ``WRITE_TIMEOUT``), 500 saying which. Successful writes are kept in a journal that a worker started
+    later (a restart, or more workers after a reload) gets first; a reload keeps only the drain / maint /
+    ready entries, as a worker's own reload keeps only those states."""
 
     def __init__(self, reactor: Reactor, workers_configured: Callable[[], int],
                  start_time: Callable[[], Optional[float]] = lambda: None,
@@ -246,6 +289,8 @@ class SnapshotCollector:
         self.workers: Dict[int, _Worker] = {}
         self.round: Optional[_Round] = None
         self._next_id = 1
+        self.writes: Dict[str, _Write] = {}
+        self.journal: List[Action] = []
 
     # ---- channels ----
     def add(self, pid: int, sock: socket.socket) -> None:
@@ -254,6 +299,9 @@ class SnapshotCollector:
         channel = Channel(self.reactor, sock, lambda msg: self._on_reply(pid, msg),
                           lambda: self._on_channel_closed(pid), name="worker %d control channel" % pid)
         self.workers[pid] = _Worker(pid, channel)
+        for action in self.journal:
+            # Replayed before anything else reaches it; the answers are not waited for.
+            channel.send({"id": "journal", "op": "admin", "action": action})
 
     def remove(self, pid: int) -> None:
         """The worker exited (or will not be asked again): close its channel."""
@@ -270,6 +318,10 @@ class SnapshotCollector:
 
     def _on_channel_closed(self, pid: int) -> None:
         self.workers.pop(pid, None)
+        for wr in list(self.writes.values()):
+            if pid in wr.waiting:
+                wr.waiting.discard(pid)
+                self._write_maybe_done(wr)
         r = self.round
         if r is not None and pid in r.waiting:
             r.waiting.discard(pid)
@@ -296,6 +348,9 @@ class SnapshotCollector:
     def _on_reply(self, pid: int, msg: Dict[str, Any]) -> None:
         w = self.workers.get(pid)
         if w is None:
+            return
+        if isinstance(msg.get("id"), str):
+            self._write_reply(pid, msg)
             return
         w.asked = None
         r = self.round
@@ -343,3 +398,75 @@ class SnapshotCollector:
                 deliver(result)
             except Exception:
                 log.exception("supervisor: admin: cannot answer")
+
+    # ---- writes ----
+    def write(self, action: Action, deliver: Callable[[int, Dict[str, Any]], None]) -> None:
+        """An ``AdminServer`` writer: apply ``action`` in every worker (see the class docstring)."""
+        if not self.workers:
+            deliver(503, {"error": "no worker is running"})
+            return
+        wr = _Write("w%d" % self._next_id, action, list(self.workers), deliver)
+        self._next_id += 1
+        self.writes[wr.id] = wr
+        for pid in list(wr.waiting):
+            w = self.workers.get(pid)
+            if w is not None:
+                w.channel.send({"id": wr.id, "op": "admin", "action": action})  # a failure closes it
+        if wr.id in self.writes:
+            wr.timer = self.reactor.call_later(WRITE_TIMEOUT, lambda: self._write_expired(wr))
+
+    def _write_reply(self, pid: int, msg: Dict[str, Any]) -> None:
+        wr = self.writes.get(msg["id"])
+        if wr is None or pid not in wr.waiting:
+            return  # a journal replay's answer, or one that came too late
+        status = msg.get("status")
+        result = msg.get("result")
+        wr.answers[pid] = (status if isinstance(status, int) else 500,
+                           result if isinstance(result, dict) else {"error": "malformed answer"})
+        wr.waiting.discard(pid)
+        self._write_maybe_done(wr)
+
+    def _write_expired(self, wr: _Write) -> None:
+        wr.timer = None
+        if wr.waiting:
+            log.warning("supervisor: admin: worker(s) %s did not apply the change within %gs",
+                        ", ".join(str(p) for p in sorted(wr.waiting)), WRITE_TIMEOUT)
+            wr.waiting.clear()
+            self._write_maybe_done(wr)
+
+    def _write_maybe_done(self, wr: _Write) -> None:
+        if wr.waiting or self.writes.get(wr.id) is not wr:
+            return
+        del self.writes[wr.id]
+        if wr.timer is not None:
+            wr.timer.cancel()
+            wr.timer = None
+        answers = wr.answers
+        statuses = {status for status, _doc in answers.values()}
+        if len(answers) == len(wr.asked) and len(statuses) == 1:
+            status = statuses.pop()
+            doc = dict(next(iter(answers.values()))[1])
+            doc["workers"] = len(answers)
+            if status < 300:
+                self._journal(wr.action)
+        else:
+            applied = sorted(pid for pid, (st, _d) in answers.items() if st < 300)
+            failed = {str(pid): ("%d %s" % (answers[pid][0], answers[pid][1].get("error", "")) if pid in answers
+                                 else "no answer") for pid in wr.asked if pid not in applied}
+            status, doc = 500, {"error": "applied by %d of %d workers" % (len(applied), len(wr.asked)),
+                                "applied": applied, "failed": failed}
+            if applied:
+                self._journal(wr.action)
+        try:
+            wr.deliver(status, doc)
+        except Exception:
+            log.exception("supervisor: admin: cannot answer")
+
+    def _journal(self, action: Action) -> None:
+        self.journal.append(action)
+        if len(self.journal) > JOURNAL_MAX:
+            del self.journal[:len(self.journal) - JOURNAL_MAX]
+
+    def reloaded(self) -> None:
+        """The workers reload their file: of the runtime changes only the backend states stay."""
+        self.journal = [a for a in self.journal if a.get("op") in ("drain", "maint", "ready")]

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, Optional, Union
 from .edge import probe_proxy_header
 from .http.errors import ProtocolError
 from .http.heads import RESPONSE, HeadBuffer, parse_response_head
+from .pool import ADMIN_MAINT
 from .transport import Protocol, Transport, connect
 
 if TYPE_CHECKING:
@@ -165,8 +166,9 @@ class _Probe(Protocol):
             return
         now = health.now
         self.started_at = now
-        if not backend.resolved:
-            # Nothing to connect to yet (the resolver marks it down meanwhile): try next interval.
+        if not backend.resolved or backend.admin_state == ADMIN_MAINT:
+            # Nothing to connect to yet (the resolver marks it down meanwhile), or in maintenance (no
+            # probes: HAProxy's maint): try next interval.
             self._next()
             return
         try:

@@ -42,7 +42,7 @@ STATUS_CONTENT_TYPE = "application/json"
 
 # Status classes of balrs_backend_responses_total (Backend.responses 1..5; 6..9 are counted as 5xx).
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-_STATES = ("up", "down", "drain")
+_STATES = ("up", "down", "drain", "maint")
 
 # A snapshot: plain data, see snapshot() and merge() for its keys.
 Snapshot = Dict[str, Any]
@@ -266,6 +266,8 @@ def _merge_backend(views: List[Tuple[int, Dict[str, Any]]]) -> Dict[str, Any]:
     up = sum(1 for b in bs if b["state"] == "up")
     if any(b["state"] == "drain" for b in bs):
         state = "drain"
+    elif any(b["state"] == "maint" for b in bs):
+        state = "maint"
     else:
         state = "up" if 2 * up > n else "down"
     # The response-time average of the workers that measured one, weighed by their responses.

@@ -29,7 +29,8 @@ from .sticky import Sticky, sticky_key
 if TYPE_CHECKING:
     from .http.heads import RequestHead
 
-__all__ = ["Backend", "Pool", "Pools", "Waiter", "Ticket", "Chooser", "StrategyFactory", "resolve", "LATENCY_BUCKETS"]
+__all__ = ["Backend", "Pool", "Pools", "Waiter", "Ticket", "Chooser", "StrategyFactory", "resolve", "LATENCY_BUCKETS",
+           "ADMIN_READY", "ADMIN_DRAIN", "ADMIN_MAINT"]
 
 log = logging.getLogger("balrs")
 
@@ -40,6 +41,11 @@ SockAddr = Tuple[Any, ...]
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Weight of a new sample in the response-time moving average (nginx Plus least_time and Envoy use
 # similar short windows): 0.3 follows a change within a few requests without jumping on one outlier.
+# Admin states of a backend (the admin API's drain, maint and ready).
+ADMIN_READY = ""
+ADMIN_DRAIN = "drain"
+ADMIN_MAINT = "maint"
+
 EWMA_ALPHA = 0.3
 # After this long without a sample, the next one weighs more (half of the old average is forgotten per
 # half-life of silence), matching the strategies' decay of old samples (strategies.DECAY_HALF_LIFE).
@@ -73,7 +79,7 @@ class Backend:
         "weight", "eff_weight", "max_connections",
         "active", "requests", "failures", "responses", "latency", "latency_sum",
         "up", "health_successes", "health_failures", "transitions", "last_check", "last_check_ok",
-        "ejected_until", "ejections", "consecutive_errors", "up_since", "draining",
+        "ejected_until", "ejections", "consecutive_errors", "up_since", "draining", "admin_state",
         "ewma", "ewma_at", "idle", "pool", "owner", "tls", "send_proxy",
     )
 
@@ -115,6 +121,7 @@ class Backend:
         self.consecutive_errors = 0  # live-traffic failures in a row
         self.up_since = now          # when it (re)entered service, for slow start
         self.draining = False        # removed by a reload; finishing its requests in flight
+        self.admin_state = ADMIN_READY  # set by the admin API: drain or maint
         # Response time: moving average of time to response head; -1.0 = never measured.
         self.ewma = -1.0
         self.ewma_at = 0.0
@@ -167,15 +174,29 @@ class Backend:
 
     @property
     def eligible(self) -> bool:
-        """Up, resolved, not ejected and not draining (ejection expiry is applied by the pool)."""
-        return self.up and self.resolved and not self.draining and not self.ejected_until
+        """Up, resolved, not ejected, not draining and not set aside by the admin API (ejection expiry
+        is applied by the pool)."""
+        return self.up and self.resolved and not self.draining and not self.ejected_until and not self.admin_state
 
     @property
     def state(self) -> str:
-        """``up``, ``down`` or ``drain`` (as /status reports it)."""
-        if self.draining:
+        """``up``, ``down``, ``drain`` or ``maint`` (as /status reports it)."""
+        if self.draining or self.admin_state == ADMIN_DRAIN:
             return "drain"
+        if self.admin_state == ADMIN_MAINT:
+            return "maint"
         return "up" if self.up and self.resolved and not self.ejected_until else "down"
+
+    def set_admin_state(self, state: str) -> None:
+        """The admin API's word: ``ADMIN_DRAIN`` (no new requests; those in flight finish),
+        ``ADMIN_MAINT`` (no traffic, no health probes) or ``ADMIN_READY`` (back to normal). It survives a
+        reload that keeps this backend (same name and address)."""
+        self.admin_state = state
+
+    def set_weight(self, weight: int) -> None:
+        """A weight set at runtime (the admin API), until the next reload."""
+        self.weight = weight
+        self.eff_weight = weight
 
     @property
     def full(self) -> bool:

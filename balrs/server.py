@@ -10,20 +10,22 @@ the set of client connections, reloads, signals and the graceful stop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import socket
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .accesslog import LogSink, RequestIds, make_formatter
 from .admin import AdminServer
-from .config import Address, AdminConfig, Config, ConfigError, LogConfig, describe_changes, load
+from .adminapi import Action, apply_action
+from .config import Address, AdminConfig, BackendConfig, Config, ConfigError, LogConfig, describe_changes, load
 from .health import Health
 from .limits import ClientBuckets, ClientConnections
 from .listener import Listener
 from .metrics import Snapshot, snapshot as metrics_snapshot
 from .resolver import Resolver, is_ip_literal
-from .pool import Pools
+from .pool import ADMIN_MAINT, Backend, Pools
 from .routing import RouteTable
 from .proxy import ClientConn, OverLimitClient, ProxyContext
 from .reactor import Reactor
@@ -97,7 +99,47 @@ class Balancer:
         return config.admin if self.serve_admin else None
 
     def _make_admin(self, admin: AdminConfig) -> AdminServer:
-        return AdminServer(self.reactor, admin.listen, self._admin_source, self.reuse_port)
+        return AdminServer(self.reactor, admin.listen, self._admin_source, self.reuse_port,
+                           writer=self.admin_write, token=admin.token)
+
+    # ---- the admin API's writes (adminapi.Runtime) -----------------------------------------------------
+    def admin_write(self, action: Action, deliver: Callable[[int, Dict[str, Any]], None]) -> None:
+        """Apply an admin API action now and deliver its answer (also what a worker does for the
+        supervisor, over the control channel)."""
+        status, doc = apply_action(self, action)
+        deliver(status, doc)
+
+    def backend_named(self, name: str) -> Optional[Backend]:
+        for b in self.pool.backends:
+            if b.name == name:
+                return b
+        return None
+
+    def pool_exists(self, name: str) -> bool:
+        return name in self.pool.named
+
+    def set_backend_state(self, backend: Backend, state: str) -> None:
+        backend.set_admin_state(state)
+        if state == ADMIN_MAINT:
+            backend.idle.close_all()
+        self.pool.refresh()
+        self.pool.wake()
+
+    def set_backend_weight(self, backend: Backend, weight: int) -> None:
+        backend.set_weight(weight)
+        self.pool.refresh()
+
+    def add_backend(self, config: BackendConfig) -> None:
+        """A backend added at runtime: applied like a reload of the running configuration plus it (so
+        health checks, resolving and TLS treat it like any other); the next SIGHUP removes it again
+        unless the file has it."""
+        self.reload(dataclasses.replace(self.config, backends=self.config.backends + (config,)), self.tls)
+
+    def remove_backend(self, backend: Backend) -> None:
+        """Deleted at runtime: no new requests, those in flight finish, then it is gone (a reload of the
+        running configuration without it)."""
+        self.reload(dataclasses.replace(
+            self.config, backends=tuple(b for b in self.config.backends if b.name != backend.name)), self.tls)
 
     def _admin_source(self, deliver: Callable[[Optional[Snapshot]], None]) -> None:
         deliver(self.snapshot())
@@ -348,6 +390,8 @@ class Balancer:
         self.health.reload()
         if any(not b.resolved for b in added):
             self.resolver.trigger()
+        if self.admin is not None and new_admin is not None:
+            self.admin.token = new_admin.token
         if new_admin is None and self.admin is not None:
             self.admin.stop()
             self.admin = None

@@ -78,7 +78,8 @@ def run_worker(config: Config, overrides: Optional[Callable[[Config], Config]],
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return EXIT_BIND
-    worker_control = WorkerControl(balancer.reactor, control, balancer.snapshot) if control is not None else None
+    worker_control = (WorkerControl(balancer.reactor, control, balancer.snapshot, balancer.admin_write)
+                      if control is not None else None)
     try:
         return balancer.run()
     finally:
@@ -122,7 +123,8 @@ class Supervisor:
         admin = self.config.admin
         if admin is None or self.admin is not None:
             return
-        server = AdminServer(self.reactor, admin.listen, self.collector.collect)
+        server = AdminServer(self.reactor, admin.listen, self.collector.collect, writer=self.collector.write,
+                             token=admin.token)
         server.start()
         self.admin = server
 
@@ -242,6 +244,8 @@ class Supervisor:
                 log.error("reload failed, keeping the running configuration: %s", exc.strerror or exc)
                 return
         self.config = config
+        if config.admin is not None and self.admin is not None:
+            self.admin.token = config.admin.token
         if config.admin is None and self.admin is not None:
             self.admin.stop()
             self.admin = None
@@ -252,6 +256,7 @@ class Supervisor:
             except OSError as exc:
                 log.error("admin endpoint: %s", exc.strerror or exc)
         log.info("supervisor: SIGHUP, reloading %d workers", len(self.workers))
+        self.collector.reloaded()
         self._signal_all(signal.SIGHUP)
         # More or fewer workers: start the missing ones (they read the new file), drain the extra ones.
         extra = len(self.workers) - config.workers

@@ -151,7 +151,7 @@ def test_objects_are_frozen() -> None:
                                       "key_lines"}),
         (C._HEALTH_KEYS, C.HealthConfig, set()),
         (C._BACKEND_KEYS, C.BackendConfig, {"name", "line"}),
-        (C._ADMIN_KEYS, C.AdminConfig, set()),
+        (C._ADMIN_KEYS, C.AdminConfig, {"token"}),  # token: read from token_file
         (C._LOG_KEYS, C.LogConfig, set()),
     ],
 )

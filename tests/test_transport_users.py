@@ -420,6 +420,7 @@ class StubBackend:
     def __init__(self, port: int) -> None:
         self.name = "b1"
         self.draining = False
+        self.admin_state = ""  # not in maint
         self.resolved = True
         self.family = socket.AF_INET
         self.sockaddr: Tuple[str, int] = (HOST, port)
