@@ -116,6 +116,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # `python -m balrs status [ADMIN_ADDR] [--watch]`: the live report (like the seed's -r flag).
         from .status import main as status_main
         return status_main(argv[1:])
+    if argv and argv[0] == "demo":
+        # `python -m balrs demo`: demo backends, the balancer and the dashboard on 127.0.0.1.
+        from .demo import main as demo_main
+        return demo_main(argv[1:])
     if argv and argv[0] == "zipapp":
         # `python -m balrs zipapp [-o balrs.pyz]`: a reproducible single-file build (pyz.py).
         from .pyz import main as zipapp_main
