@@ -1868,9 +1868,9 @@ def load(path: str) -> Config:
 
 def describe_changes(old: Config, new: Config) -> list[str]:
     """What a reload changes in how requests are balanced, for its log line: backend weights
-    (``weight b2 1 -> 5``), [balancer] strategy (``strategy round_robin -> least_conn``, or just
-    ``strategy round_robin`` when it stays) and the strategy of each pool that sets its own
-    (``pool api strategy random -> least_conn``). Backends added and removed are the pool's to say
+    (``weight b2 1 -> 5``), [balancer] strategy (``strategy round_robin -> least_connections``, or
+    just ``strategy round_robin`` when it stays) and the strategy of each pool that sets its own
+    (``pool api strategy random -> ip_hash``). Backends added and removed are the pool's to say
     (it matches them by name and address)."""
     changes = []
     old_weights = {b.name: b.weight for b in old.backends}
