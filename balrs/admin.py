@@ -160,7 +160,7 @@ class AdminServer:
         self.listener.bind(self.listen)
         self.started = True
         self.listener.resume()
-        log.info("admin endpoint on %s (/metrics, /status)", ", ".join(str(a) for a in self.listen))
+        log.info("admin endpoint on %s (/metrics, /status)", ", ".join(self.listener.bound()))
 
     def rebind(self, listen: Sequence[Address]) -> None:
         """Serve on ``listen`` from now on (a reload changed ``[admin] listen``). Addresses already

@@ -173,7 +173,7 @@ def run(config: Config, overrides: Optional[Callable[[Config], Config]] = None) 
     except OSError as exc:
         return _start_failed(config, exc)
     log.info("balrs %s listening on %s; strategy %s; backends %s", __version__,
-             ", ".join(str(a) for a in config.listen), config.strategy,
+             ", ".join(balancer.bound_addresses()), config.strategy,
              ", ".join("%s=%s" % (b.name, b.address) for b in config.backends))
     try:
         return balancer.run()

@@ -87,6 +87,17 @@ class Listener:
     def addresses(self) -> List[Address]:
         return [a for _s, a in self.sockets]
 
+    def bound(self) -> List[str]:
+        """The addresses as bound (``host:port``): for a port 0, the port the kernel chose."""
+        out = []
+        for sock, addr in self.sockets:
+            try:
+                port = int(sock.getsockname()[1])
+            except OSError:  # closed
+                port = addr.port
+            out.append(str(Address(addr.host, port)))
+        return out
+
     def bind(self, addrs: Sequence[Address]) -> None:
         """Listen on exactly ``addrs`` from now on. Addresses already bound keep their sockets; new ones
         are bound first, so an OSError (naming the address) changes nothing; removed ones close."""

@@ -147,8 +147,11 @@ class Balancer:
     def snapshot(self) -> Snapshot:
         """This balancer's counters and state as plain data (``metrics.snapshot``); what the admin
         endpoint reports, and what a worker sends its supervisor."""
-        return metrics_snapshot(self.pool, self.config, self,
+        snap = metrics_snapshot(self.pool, self.config, self,
                                 self.admin.start_time if self.admin is not None else None, self.router)
+        if any(a.port == 0 for a in self.config.listen):
+            snap["listen"] = self.bound_addresses()  # the ports the kernel chose, not "0"
+        return snap
 
     # ---- counters (metrics.Counters) ---------------------------------------------------------------
     @property
@@ -222,6 +225,10 @@ class Balancer:
     @property
     def listeners(self) -> List[Tuple[socket.socket, Address]]:
         return self.listener.sockets
+
+    def bound_addresses(self) -> List[str]:
+        """The listen addresses as bound (``host:port``; a port 0 in the file shows the port chosen)."""
+        return self.listener.bound()
 
     def listen(self) -> None:
         """Bind every ``listen`` address and start accepting. Raises OSError naming the address."""

@@ -136,6 +136,41 @@ def test_port_zero_in_the_config() -> None:
         parse_text("[balancer]\nlisten = 127.0.0.1:0\nworkers = 2\n[backend a]\naddress = 127.0.0.1:1\n", "x.ini")
 
 
+def test_port_zero_from_the_command_line(tmp_path: Path, backends: List[TestBackend]) -> None:
+    """``python -m balrs`` with port 0 logs the ports it got, and /status reports them."""
+    path = tmp_path / "lb.ini"
+    path.write_text(ini(backends, extra="[admin]\nlisten = 127.0.0.1:0\n"))
+    log_path = tmp_path / "lb.stderr"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "balrs", str(path)], cwd=str(REPO_ROOT), env=child_env(),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        found: List[Any] = []
+
+        def ports() -> bool:
+            text = log_path.read_text()
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+);", text)
+            a = re.search(r"admin endpoint on 127\.0\.0\.1:(\d+) ", text)
+            if m and a:
+                found[:] = [int(m.group(1)), int(a.group(1))]
+            return bool(found) or proc.poll() is not None
+
+        deadline = time.monotonic() + 15
+        while not ports() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert found and 0 not in found, log_path.read_text()
+        port, admin_port = found
+        assert request(("127.0.0.1", port)).json()["backend"] in ("e1", "e2")
+        assert request(("127.0.0.1", admin_port), target="/status").json()["listen"] == ["127.0.0.1:%d" % port]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def test_no_signal_handlers_and_runs_from_any_thread(backends: List[TestBackend]) -> None:
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
     wakeup = signal.set_wakeup_fd(-1)
