@@ -61,8 +61,12 @@ ADMIN_SEND_TIMEOUT = 5.0
 ADMIN_LINGER = 1.0
 ADMIN_LINGER_MAX_BYTES = 65536
 # Admin connections open at once; above it new ones wait in the listen backlog (Prometheus scrapes one
-# connection at a time, so a handful of operators and scrapers stay well below this).
-ADMIN_MAX_CONNECTIONS = 64
+# connection at a time; dashboards keep one keep-alive connection each).
+ADMIN_MAX_CONNECTIONS = 128
+# Keep-alive: requests answered on one connection at most, and how long it may stay idle between them
+# (a dashboard polls every second; nginx's keepalive_requests is 1000, keepalive_timeout 75 s).
+ADMIN_MAX_REQUESTS = 1000
+ADMIN_KEEPALIVE_TIMEOUT = 15.0
 # Accepts per readiness event (the balancer's loop bound, smaller: this is not the hot path).
 ADMIN_ACCEPT_BATCH = 16
 # After EMFILE/ENFILE, stop accepting admin connections this long (like the balancer's listeners).
@@ -286,7 +290,7 @@ class _AdminConn(Protocol):
     head, write one response, linger, close."""
 
     __slots__ = ("admin", "reactor", "tr", "state", "head", "deadline", "discarded", "peer", "req", "body",
-                 "body_left")
+                 "body_left", "keep", "served", "pending")
 
     def __init__(self, admin: AdminServer, sock: socket.socket, peer: str = "?") -> None:
         self.admin = admin
@@ -299,6 +303,11 @@ class _AdminConn(Protocol):
         self.req: Optional[RequestHead] = None
         self.body = bytearray()
         self.body_left = 0
+        # Keep-alive (HTTP/1.1, RFC 9112 §9.3): whether the answer being written leaves the connection
+        # open, how many were answered, and what arrived after the request (a pipelined next one).
+        self.keep = False
+        self.served = 0
+        self.pending = b""
         self.tr = Transport(self.reactor, sock, self, ADMIN_RECV_SIZE)
         self._set_deadline(self.reactor.now + ADMIN_REQUEST_TIMEOUT)
 
@@ -359,7 +368,7 @@ class _AdminConn(Protocol):
 
     def write_drained(self) -> None:
         if self.state == _WRITE:
-            self._linger()
+            self._done()
 
     def internal_error(self) -> None:
         log.exception("admin: internal error on a connection")
@@ -376,7 +385,7 @@ class _AdminConn(Protocol):
             log.debug("admin: bad request: %s", exc)
             self.respond(_error(exc.status))
             return
-        rest = bytes(self.head.buf)  # what followed the head: the start of its body
+        rest = bytes(self.head.buf)  # what followed the head: the start of its body (or the next request)
         if req.framing == CHUNKED:
             self.respond(_error(411))  # a write body is small: Content-Length, please (RFC 9110 §15.5.12)
             return
@@ -391,6 +400,7 @@ class _AdminConn(Protocol):
             if rest:
                 self._body_data(rest)
             return
+        self.pending = rest
         self._ready(req, b"")
 
     def _body_data(self, data: bytes) -> None:
@@ -398,9 +408,13 @@ class _AdminConn(Protocol):
         self.body += take
         self.body_left -= len(take)
         if self.body_left == 0 and self.req is not None:
+            self.pending = data[len(take):]
             self._ready(self.req, bytes(self.body))
 
     def _ready(self, req: RequestHead, body: bytes) -> None:
+        self.served += 1
+        self.keep = (req.keep_alive and self.served < ADMIN_MAX_REQUESTS and self.admin.started
+                     and len(self.pending) <= ADMIN_HEAD_LIMIT)
         # Until the answer is ready nothing more is read (what the client sends waits in the kernel).
         self.state = _WAIT
         self.head = HeadBuffer(0)  # drop what was buffered
@@ -410,10 +424,18 @@ class _AdminConn(Protocol):
         self.admin.handle(self, req, body)
 
     def respond(self, data: bytes) -> None:
-        """Send ``data``, then close (after lingering). Ignored unless the answer is still owed (the
-        connection may have closed while it waited for a snapshot)."""
+        """Send ``data`` (a ``Connection: close`` response), then close after lingering, or, when the
+        request allows keep-alive, drop that field and wait for the next request. Ignored unless the
+        answer is still owed (the connection may have closed while it waited for a snapshot)."""
         if self.state not in (_READ, _WAIT, _BODY):
             return
+        if self.state != _WAIT:
+            self.keep = False  # answered before a request was whole: its framing is unknown
+        if self.keep:
+            end = data.find(b"\r\n\r\n")
+            i = data.find(b"Connection: close\r\n", 0, end + 2)
+            if i >= 0:
+                data = data[:i] + data[i + 19:]
         self.state = _WRITE
         self.head = HeadBuffer(0)  # drop what was buffered
         tr = self.tr
@@ -424,8 +446,22 @@ class _AdminConn(Protocol):
         if tr.broken:
             return  # connection_lost follows from the loop
         if not tr.queued:
+            self._done()
+        # else write_drained() goes on once the client took the rest
+
+    def _done(self) -> None:
+        """The answer is out: the next request, or linger and close."""
+        if not self.keep or not self.admin.started:
             self._linger()
-        # else write_drained() lingers once the client took the rest
+            return
+        self.state = _READ
+        self.req = None
+        self.head = HeadBuffer(ADMIN_HEAD_LIMIT)
+        self._set_deadline(self.reactor.now + ADMIN_KEEPALIVE_TIMEOUT)
+        self.tr.resume_reading()
+        pending, self.pending = self.pending, b""
+        if pending:
+            self._head_data(pending)
 
     def _linger(self) -> None:
         """All sent: send our FIN and read (and drop) what still arrives until the client closes."""

@@ -508,8 +508,10 @@ def status_document(pool: Pool, config: Config, counters: Counters) -> Dict[str,
 
 
 def json_body(doc: Dict[str, Any]) -> bytes:
-    """A document as UTF-8 JSON (indented, with a final newline, for curl users)."""
-    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+    """A document as UTF-8 JSON on one line, with a final newline (``| python -m json.tool`` or ``jq``
+    indents it). Not indented: the indenting encoder is pure Python, six times slower than the C one,
+    and a dashboard polls this every second."""
+    return (json.dumps(doc) + "\n").encode("utf-8")
 
 
 def status_json(pool: Pool, config: Config, counters: Counters) -> bytes:

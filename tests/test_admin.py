@@ -38,6 +38,7 @@ from support import (
 
 from balrs import __version__
 from balrs.admin import (
+    ADMIN_KEEPALIVE_TIMEOUT,
     ADMIN_HEAD_LIMIT,
     ADMIN_LINGER,
     ADMIN_MAX_CONNECTIONS,
@@ -530,7 +531,7 @@ def inproc() -> Iterator[Any]:
 class TestAdminInProcess:
     def test_answers_and_closes(self, inproc: Any) -> None:
         s = inproc.connect()
-        s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data = inproc.read_all(s)
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
@@ -538,6 +539,19 @@ class TestAdminInProcess:
         assert json.loads(body)["backends"][0]["name"] == "x"
         s.close()
         assert inproc.spin(lambda: not inproc.admin.conns)
+
+    def test_keep_alive_connection_closes_when_idle(self, inproc: Any) -> None:
+        s = inproc.connect()
+        s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert inproc.spin(lambda: inproc.admin.conns and next(iter(inproc.admin.conns)).served == 1)
+        inproc.turn(3)
+        assert inproc.admin.conns, "a keep-alive connection closed after its first answer"
+        inproc.clock.t += ADMIN_KEEPALIVE_TIMEOUT - 0.5
+        inproc.turn(3)
+        assert inproc.admin.conns, "closed before its idle deadline"
+        inproc.clock.t += 1.0
+        assert inproc.spin(lambda: not inproc.admin.conns), "an idle keep-alive connection stayed open"
+        s.close()
 
     def test_partial_head_times_out_with_408(self, inproc: Any) -> None:
         s = inproc.connect()
@@ -806,10 +820,14 @@ class TestAdminProcess:
             r = c.read_response("HEAD")
             assert r.status == 404
             assert c.wait_closed(3)[:2] == (True, b"")
-        # Connection: close even when the client asked for keep-alive.
+        # Keep-alive by default in HTTP/1.1 (a dashboard polls on one connection); closed when asked.
         with Client(lb.admin) as c:
             c.send(build("GET", "/status"))
-            assert c.read_response().status == 200
+            r = c.read_response()
+            assert r.status == 200 and not r.has_token("Connection", "close")
+            c.send(build("GET", "/metrics", [("Connection", "close")]))
+            r = c.read_response()
+            assert r.status == 200 and r.has_token("Connection", "close")
             assert c.wait_closed(3)[0]
         # Malformed and oversized requests.
         with Client(lb.admin) as c:

@@ -253,3 +253,29 @@ def test_workers_apply_every_change(launch: Launcher, make_backend: Callable[...
     assert wait_for(lambda: _served(lb, 8)["b3"] >= 3, 5)
     doc = {b["name"]: b for b in status(lb)["backends"]}
     assert len(doc["b3"]["workers"]) == 2
+
+
+# ---- keep-alive on the admin endpoint (dashboards poll) ---------------------------------------------------
+def test_admin_keep_alive_and_pipelining(launch: Launcher, two: List[TestBackend]) -> None:
+    from support import Client, build
+    lb = launch(two)
+    assert lb.admin_addr is not None
+    with Client(lb.admin_addr, timeout=5) as c:
+        for path in ("/status", "/", "/metrics", "/status"):
+            c.send(build("GET", path, [], None))
+            r = c.read_response("GET")
+            assert r.status == 200 and not r.has_token("Connection", "close"), (path, r.headers)
+        # A write, then two pipelined reads in one segment, on the same connection.
+        c.send(build("POST", "/api/backends/b1/drain", [("Authorization", "Bearer %s" % TOKEN)], None))
+        assert c.read_response("POST").json()["state"] == "drain"
+        c.send(build("GET", "/status", [], None) + build("GET", "/nope", [("Connection", "close")], None))
+        assert c.read_response("GET").json()["backends"][0]["state"] == "drain"
+        last = c.read_response("GET")
+        assert last.status == 404 and last.has_token("Connection", "close")
+        closed, extra, _t = c.wait_closed(3)
+        assert closed and extra == b""
+    # HTTP/1.0 without keep-alive: one answer, then the connection closes.
+    with Client(lb.admin_addr, timeout=5) as c:
+        c.send(b"GET /status HTTP/1.0\r\n\r\n")
+        r = c.read_response("GET")
+        assert r.status == 200 and r.has_token("Connection", "close")
