@@ -229,6 +229,18 @@ def test_config_patterns():
                 assert time.perf_counter() - t0 < BOUND, (name, text[:40])
 
 
+def test_python_strategy_pattern():
+    """``strategy = package.module:Name``, checked with fullmatch (never searched)."""
+    from balrs import config
+
+    for text in ("a" * 60000 + "!", "a." * 30000 + "!", "a:" + "b." * 30000 + "!", "a" * 30000 + ":" + "b" * 30000
+                 + ":", "_" * 60000, ".:" * 30000, "a.a:" * 15000):
+        for op in (config._PYTHON_STRATEGY_RE.fullmatch, config._PYTHON_STRATEGY_RE.match):
+            t0 = time.perf_counter()
+            op(text)
+            assert time.perf_counter() - t0 < BOUND, text[:40]
+
+
 # Every compiled pattern in balrs, by module and name, and the test above that covers it.
 AUDITED = {
     ("balrs.http.heads", "_REQUEST_LINE"): "test_odd_lines_and_start_lines (error path, early checks)",
@@ -249,6 +261,9 @@ AUDITED = {
     ("balrs.config", "_BACKEND_NAME_RE"): "test_config_patterns",
     ("balrs.config", "_EXPECT_RE"): "test_config_patterns",
     ("balrs.config", "_INLINE_COMMENT_RE"): "test_config_patterns",
+    # Linear under fullmatch (its only use): each repeated group starts with "." or ":", which the
+    # identifier class excludes, so there is one way to match.
+    ("balrs.config", "_PYTHON_STRATEGY_RE"): "test_python_strategy_pattern",
     # Linear: one fixed octet, then a bounded or single-class repetition each.
     ("balrs.config", "_PERCENT_RE"): "test_route_patterns",
     ("balrs.config", "_PLACEHOLDER_RE"): "test_route_patterns",
