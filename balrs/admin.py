@@ -67,6 +67,9 @@ ADMIN_MAX_CONNECTIONS = 128
 # (a dashboard polls every second; nginx's keepalive_requests is 1000, keepalive_timeout 75 s).
 ADMIN_MAX_REQUESTS = 1000
 ADMIN_KEEPALIVE_TIMEOUT = 15.0
+# How old a /status or /metrics answer may be when served again to a request on a kept-alive connection
+# (a /status costs some 7 proxied requests to build; a dashboard polls every second).
+ADMIN_CACHE_TTL = 0.1
 # Accepts per readiness event (the balancer's loop bound, smaller: this is not the hot path).
 ADMIN_ACCEPT_BATCH = 16
 # After EMFILE/ENFILE, stop accepting admin connections this long (like the balancer's listeners).
@@ -137,6 +140,8 @@ class AdminServer:
         # The write API (adminapi.py): how an action is applied, and the bearer token ("" = writes 403).
         self.writer = writer
         self.token = token
+        # path -> (when rendered, the complete 200 response) for pollers on kept-alive connections.
+        self._cache: Dict[bytes, Tuple[float, bytes]] = {}
         self.conns: Dict[_AdminConn, None] = {}
         self.listener = Listener(reactor, "admin accept", self._new_conn, ADMIN_ACCEPT_BATCH,
                                  ADMIN_ACCEPT_BACKOFF, reuse_port,
@@ -220,8 +225,16 @@ class AdminServer:
                                         b"Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; "
                                         b"script-src 'unsafe-inline'; img-src 'self' data:\r\n"))
         else:
+            if conn.served > 1 and not head_only:
+                # A poller on a kept-alive connection (a dashboard, a scraper) may get an answer up to
+                # ADMIN_CACHE_TTL old: fifty dashboards polling cost one snapshot per TTL, not fifty.
+                # A request on a new connection, and every answer after a write, is fresh.
+                hit = self._cache.get(path)
+                if hit is not None and self.reactor.now - hit[0] < ADMIN_CACHE_TTL:
+                    conn.respond(hit[1])
+                    return
             try:
-                self.source(lambda snap: conn.respond(self.render(path, snap, head_only)))
+                self.source(lambda snap: conn.respond(self._rendered(path, snap, head_only)))
             except Exception as exc:  # a bug in a snapshot must cost one answer, not the loop or a traceback
                 log.error("admin: cannot answer %s: %s: %s", path.decode("ascii", "replace"),
                           type(exc).__name__, exc)
@@ -254,6 +267,7 @@ class AdminServer:
             return
 
         def done(status: int, doc: Dict[str, Any]) -> None:
+            self._cache.clear()  # what a poller sees next includes the change
             if status < 300:
                 log.warning("admin: %s by %s: %s", describe(action), who, json.dumps(doc, sort_keys=True))
             else:
@@ -265,6 +279,12 @@ class AdminServer:
         except Exception as exc:  # a bug in a write must cost one answer, not the loop
             log.exception("admin: cannot apply %s", describe(action))
             conn.respond(_json(500, {"error": "%s: %s" % (type(exc).__name__, exc)}))
+
+    def _rendered(self, path: bytes, snap: Optional[Snapshot], head_only: bool) -> bytes:
+        data = self.render(path, snap, head_only)
+        if snap is not None and not head_only and data.startswith(b"HTTP/1.1 200 "):
+            self._cache[path] = (self.reactor.now, data)
+        return data
 
     def render(self, path: bytes, snap: Optional[Snapshot], head_only: bool = False) -> bytes:
         """The complete response for ``path`` (/metrics or /status) from ``snap``."""

@@ -38,6 +38,7 @@ from support import (
 
 from balrs import __version__
 from balrs.admin import (
+    ADMIN_CACHE_TTL,
     ADMIN_KEEPALIVE_TIMEOUT,
     ADMIN_HEAD_LIMIT,
     ADMIN_LINGER,
@@ -539,6 +540,38 @@ class TestAdminInProcess:
         assert json.loads(body)["backends"][0]["name"] == "x"
         s.close()
         assert inproc.spin(lambda: not inproc.admin.conns)
+
+    def test_pollers_on_kept_alive_connections_share_a_recent_answer(self, inproc: Any) -> None:
+        def answer(s: socket.socket, extra: bytes = b"") -> Dict[str, Any]:
+            s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n%s\r\n" % extra)
+            buf = bytearray()
+
+            def step() -> bool:
+                try:
+                    buf.extend(s.recv(65536))
+                except BlockingIOError:
+                    pass
+                head, sep, body = bytes(buf).partition(b"\r\n\r\n")
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) if sep else -1
+                return bool(sep) and len(body) >= length
+
+            assert inproc.spin(step)
+            return json.loads(bytes(buf).partition(b"\r\n\r\n")[2])  # type: ignore[no-any-return]
+
+        backend = inproc.srv.pool.backends[0]
+        poller = inproc.connect()
+        first = answer(poller)  # the first request of a connection: fresh
+        backend.requests += 5
+        assert answer(poller)["backends"][0]["requests"] == first["backends"][0]["requests"], "not shared"
+        other = inproc.connect()
+        assert answer(other, b"Connection: close\r\n")["backends"][0]["requests"] == \
+            first["backends"][0]["requests"] + 5, "a new connection got a cached answer"
+        inproc.clock.t += ADMIN_CACHE_TTL
+        inproc.turn(2)
+        backend.requests += 1
+        assert answer(poller)["backends"][0]["requests"] == first["backends"][0]["requests"] + 6, "stale past TTL"
+        poller.close()
+        other.close()
 
     def test_keep_alive_connection_closes_when_idle(self, inproc: Any) -> None:
         s = inproc.connect()

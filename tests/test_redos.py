@@ -273,7 +273,25 @@ AUDITED = {
     ("balrs.http.paths", "_SUSPECT"): "test_route_patterns",
     # Linear: "{", one of five fixed words, "}".
     ("balrs.routing", "_PLACEHOLDER"): "test_route_patterns",
+    # Linear under fullmatch (their only use): one character class repeated; the path's optional groups
+    # each start with "/", which the name class excludes, then a fixed word.
+    ("balrs.adminapi", "_NAME"): "test_admin_api_patterns",
+    ("balrs.adminapi", "_PATH"): "test_admin_api_patterns",
 }
+
+
+def test_admin_api_patterns():
+    """The admin API's path and name patterns on long hostile input (a write's path and JSON name)."""
+    import balrs.adminapi as A
+    for text in ("a" * 60000, "a" * 60000 + " ", "a:" * 30000 + "/"):
+        t0 = time.perf_counter()
+        A._NAME.fullmatch(text)
+        assert time.perf_counter() - t0 < BOUND
+    for raw in (b"/api/backends/" + b"a" * 60000 + b"/drai", b"/api/backends/" + b"a/" * 30000,
+                b"/api/backends" + b"/" * 60000, b"/api/backends/" + b"a" * 60000 + b"/weight/x"):
+        t0 = time.perf_counter()
+        A._PATH.fullmatch(raw)
+        assert time.perf_counter() - t0 < BOUND, raw[:30]
 
 
 def test_route_patterns():
