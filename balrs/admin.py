@@ -104,6 +104,22 @@ def _error(status: int, head_only: bool = False, extra: bytes = b"") -> bytes:
     return build_response(status, b"text/plain; charset=utf-8", body, head_only, extra)
 
 
+_DASHBOARD_RESPONSES: Dict[Tuple[bool, bool], bytes] = {}
+
+
+def _dashboard(head_only: bool, keep: bool) -> bytes:
+    """The dashboard's complete response (built once per variant: it is 12 KiB of static bytes)."""
+    data = _DASHBOARD_RESPONSES.get((head_only, keep))
+    if data is None:
+        data = build_response(200, b"text/html; charset=utf-8", DASHBOARD, head_only,
+                              b"Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; "
+                              b"script-src 'unsafe-inline'; img-src 'self' data:\r\n")
+        if keep:
+            data = data.replace(b"Connection: close\r\n", b"", 1)
+        _DASHBOARD_RESPONSES[(head_only, keep)] = data
+    return data
+
+
 def _json(status: int, doc: Dict[str, Any], extra: bytes = b"") -> bytes:
     return build_response(status, b"application/json", json.dumps(doc, sort_keys=True).encode("utf-8") + b"\n",
                           False, extra)
@@ -221,9 +237,7 @@ class AdminServer:
         elif req.method not in (b"GET", b"HEAD"):
             conn.respond(_error(405, extra=b"Allow: %s\r\n" % ALLOW))
         elif path == b"/":
-            conn.respond(build_response(200, b"text/html; charset=utf-8", DASHBOARD, head_only,
-                                        b"Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; "
-                                        b"script-src 'unsafe-inline'; img-src 'self' data:\r\n"))
+            conn.respond(_dashboard(head_only, conn.keep))
         else:
             if conn.served > 1 and not head_only:
                 # A poller on a kept-alive connection (a dashboard, a scraper) may get an answer up to
@@ -310,7 +324,7 @@ class _AdminConn(Protocol):
     head, write one response, linger, close."""
 
     __slots__ = ("admin", "reactor", "tr", "state", "head", "deadline", "discarded", "peer", "req", "body",
-                 "body_left", "keep", "served", "pending")
+                 "body_left", "keep", "served", "pending", "eof")
 
     def __init__(self, admin: AdminServer, sock: socket.socket, peer: str = "?") -> None:
         self.admin = admin
@@ -328,6 +342,7 @@ class _AdminConn(Protocol):
         self.keep = False
         self.served = 0
         self.pending = b""
+        self.eof = False  # the client half-closed while its answer was owed
         self.tr = Transport(self.reactor, sock, self, ADMIN_RECV_SIZE)
         self._set_deadline(self.reactor.now + ADMIN_REQUEST_TIMEOUT)
 
@@ -373,13 +388,25 @@ class _AdminConn(Protocol):
             self._head_data(data)
         elif state == _BODY:
             self._body_data(data)
+        elif state == _WAIT or state == _WRITE:
+            # The next request (pipelined) while this one is answered: kept for when it is done. Past
+            # a head's worth, reading stops until then (the rest waits in the kernel).
+            self.pending += data
+            if len(self.pending) > ADMIN_HEAD_LIMIT + ADMIN_BODY_LIMIT:
+                self.tr.pause_reading()
         elif state == _LINGER:
             self.discarded += len(data)
             if self.discarded > ADMIN_LINGER_MAX_BYTES:
                 self.close()
 
     def eof_received(self, reset: bool) -> None:
-        # Reading (the head, or lingering) is the only time the transport reads: either way, done.
+        if (self.state == _WAIT or self.state == _WRITE) and not reset:
+            # The client finished sending (a half-close after its request): answer, then close.
+            self.keep = False
+            self.eof = True
+            self.tr.pause_reading()
+            return
+        # Reading a head or a body, or lingering: either way, done.
         self.close()
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
@@ -435,11 +462,10 @@ class _AdminConn(Protocol):
         self.served += 1
         self.keep = (req.keep_alive and self.served < ADMIN_MAX_REQUESTS and self.admin.started
                      and len(self.pending) <= ADMIN_HEAD_LIMIT)
-        # Until the answer is ready nothing more is read (what the client sends waits in the kernel).
+        # Reading goes on (no epoll change per request): what arrives meanwhile waits in ``pending``.
         self.state = _WAIT
         self.head = HeadBuffer(0)  # drop what was buffered
         self.body = bytearray()
-        self.tr.pause_reading()
         self._set_deadline(self.reactor.now + ADMIN_SEND_TIMEOUT)
         self.admin.handle(self, req, body)
 
@@ -459,8 +485,9 @@ class _AdminConn(Protocol):
         self.state = _WRITE
         self.head = HeadBuffer(0)  # drop what was buffered
         tr = self.tr
-        # Only the write side matters now; what the client sends meanwhile waits in the kernel.
-        tr.pause_reading()
+        if not self.keep:
+            # Only the write side matters now; what the client sends meanwhile waits in the kernel.
+            tr.pause_reading()
         self._set_deadline(self.reactor.now + ADMIN_SEND_TIMEOUT)
         tr.write(data)
         if tr.broken:
@@ -471,6 +498,9 @@ class _AdminConn(Protocol):
 
     def _done(self) -> None:
         """The answer is out: the next request, or linger and close."""
+        if self.eof:
+            self.close()
+            return
         if not self.keep or not self.admin.started:
             self._linger()
             return

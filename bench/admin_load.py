@@ -5,9 +5,11 @@
 balrs (pinned to one CPU) serves wrk's small keep-alive requests (bench/load.py's ``small`` scenario)
 while N pollers, each on its own keep-alive connection like a dashboard, fetch ``/`` and ``/status``
 from the admin endpoint every ``--interval`` seconds (alternating; 50 pollers at 100 ms is 500
-requests a second). Rounds alternate without and with the pollers, and the report is the ratio of
-balrs' req/s with pollers to without, from the same run (this machine is noisy; only ratios mean
-anything). wrk, the backends and the pollers share the other CPU.
+requests a second). wrk, the backends and the pollers share the other CPU, so in the rounds "without"
+the same pollers poll a backend instead: both rounds take the same CPU from wrk, and only balrs' work
+for the admin requests differs. Rounds alternate, and the report is the ratio of balrs' req/s (and of
+proxied requests per balrs CPU-second) with to without, from the same run (this machine is noisy;
+only ratios mean anything).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import load  # noqa: E402  (bench/load.py: backends, pinning, wrk)
 POLLER_FLAG = "--poll"
 
 
-def poll_main(port: int, n: int, interval: float, seconds: float) -> int:
+def poll_main(port: int, n: int, interval: float, seconds: float, only_root: bool = False) -> int:
     """The pollers, in one process: ``n`` keep-alive connections, each sending its next request
     ``interval`` seconds after the previous one was sent (alternately / and /status)."""
     sel = selectors.DefaultSelector()
@@ -40,7 +42,8 @@ def poll_main(port: int, n: int, interval: float, seconds: float) -> int:
         s.setblocking(False)
         conns.append({"sock": s, "next": start + interval * i / n, "buf": b"", "want": 0, "k": i, "busy": False})
         sel.register(s, selectors.EVENT_READ, conns[-1])
-    reqs = (b"GET / HTTP/1.1\r\nHost: admin\r\n\r\n", b"GET /status HTTP/1.1\r\nHost: admin\r\n\r\n")
+    reqs = (b"GET / HTTP/1.1\r\nHost: admin\r\n\r\n",
+            b"GET %s HTTP/1.1\r\nHost: admin\r\n\r\n" % (b"/" if only_root else b"/status"))
     done = errors = 0
     end = start + seconds
     while True:
@@ -100,11 +103,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between a poller's requests (0.1)")
     ap.add_argument("--rounds", type=int, default=2, help="without/with pairs (default 2)")
     ap.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
-    ap.add_argument(POLLER_FLAG, nargs=4, metavar=("PORT", "N", "INTERVAL", "SECONDS"), help=argparse.SUPPRESS)
+    ap.add_argument(POLLER_FLAG, nargs=5, metavar=("PORT", "N", "INTERVAL", "SECONDS", "ROOT"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.poll:
-        port, n, interval, seconds = args.poll
-        return poll_main(int(port), int(n), float(interval), float(seconds))
+        port, n, interval, seconds, root = args.poll
+        return poll_main(int(port), int(n), float(interval), float(seconds), root == "1")
 
     ns = argparse.Namespace(backend="auto", routes=0)
     bench = load.Bench(ns)
@@ -126,26 +130,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         path = load.SCENARIOS["small"][0]
         load.run_wrk(port, path, [], 2, args.connections, bench.load_cpu)  # warm-up
         results = {"without": [], "with": []}  # type: dict
+        # "without": the same pollers, polling one of the backends instead, so wrk and the backends
+        # lose the same CPU to them in both runs and only balrs' work for the admin requests differs.
         for _ in range(args.rounds):
             for kind in ("without", "with"):
-                poller = None
-                if kind == "with":
-                    poller = subprocess.Popen(load.pin(bench.load_cpu, [
-                        sys.executable, os.path.abspath(__file__), POLLER_FLAG, str(admin_port), str(args.pollers),
-                        str(args.interval), str(args.duration + 1.5)]), stdout=subprocess.PIPE, text=True)
-                    time.sleep(0.5)  # connected and polling
+                target, root = (admin_port, "0") if kind == "with" else (bench.backend_ports[0], "1")
+                poller = subprocess.Popen(load.pin(bench.load_cpu, [
+                    sys.executable, os.path.abspath(__file__), POLLER_FLAG, str(target), str(args.pollers),
+                    str(args.interval), str(args.duration + 1.5), root]), stdout=subprocess.PIPE, text=True)
+                time.sleep(0.5)  # connected and polling
+                cpu0 = load.cpu_seconds(p.pid) or 0.0
                 res, _out = load.run_wrk(port, path, [], args.duration, args.connections, bench.load_cpu)
-                if poller is not None:
-                    out, _ = poller.communicate(timeout=30)
-                    print("  " + out.strip())
+                cpu = (load.cpu_seconds(p.pid) or 0.0) - cpu0
+                out, _ = poller.communicate(timeout=30)
+                print("  " + out.strip())
                 rps = res.get("requests_per_s") or 0.0
-                results[kind].append(rps)
-                print("  %-7s pollers: %9.0f req/s" % (kind, rps), flush=True)
-        without = sum(results["without"]) / len(results["without"])
-        with_ = sum(results["with"]) / len(results["with"])
-        print("balrs small keep-alive with %d admin pollers every %gs: %.3f of its req/s without them "
-              "(%.0f vs %.0f; %s)" % (args.pollers, args.interval, with_ / without if without else 0.0,
-                                      with_, without, bench.pin_note))
+                requests = res.get("requests") or 0
+                results[kind].append((rps, requests / cpu if cpu else 0.0, cpu / args.duration))
+                print("  %-7s admin pollers: %9.0f req/s, balrs CPU %3.0f%%, %9.0f proxied requests per balrs "
+                      "CPU-second" % (kind, rps, 100 * cpu / args.duration, results[kind][-1][1]), flush=True)
+
+        def mean(kind: str, i: int) -> float:
+            return sum(r[i] for r in results[kind]) / len(results[kind])
+
+        print("balrs small keep-alive with %d admin pollers every %gs (%s):" % (args.pollers, args.interval,
+                                                                             bench.pin_note))
+        print("  req/s: %.3f of without (%.0f vs %.0f); balrs CPU %.0f%% vs %.0f%%"
+              % (mean("with", 0) / mean("without", 0), mean("with", 0), mean("without", 0),
+                 100 * mean("with", 2), 100 * mean("without", 2)))
+        print("  proxied requests per balrs CPU-second: %.3f of without (the cost of answering the pollers; "
+              "the req/s ratio also moves when the pollers take CPU from wrk and the backends)"
+              % (mean("with", 1) / mean("without", 1)))
         return 0
     finally:
         bench.procs.stop_all()

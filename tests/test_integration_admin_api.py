@@ -279,3 +279,23 @@ def test_admin_keep_alive_and_pipelining(launch: Launcher, two: List[TestBackend
         c.send(b"GET /status HTTP/1.0\r\n\r\n")
         r = c.read_response("GET")
         assert r.status == 200 and r.has_token("Connection", "close")
+
+
+def test_admin_answers_a_client_that_half_closes(launch: Launcher, two: List[TestBackend]) -> None:
+    import socket as _socket
+    lb = launch(two)
+    assert lb.admin_addr is not None
+    for workers_lb in (lb, launch(two, workers="2")):
+        assert workers_lb.admin_addr is not None
+        s = _socket.create_connection(workers_lb.admin_addr, timeout=5)
+        s.sendall(b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n")
+        s.shutdown(_socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b'"backends"' in body, data[:200]
