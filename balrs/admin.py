@@ -22,7 +22,9 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .adminapi import ADMIN_BODY_LIMIT, Writer, check_auth, describe, is_api_path, parse_write
+from .config import DEFAULT_ADMIN_WRITE_FROM
 from .dashboard import DASHBOARD
+from .edge import Trusted
 from .listener import Listener
 from .http.build import REASONS
 from .http.errors import ProtocolError
@@ -149,13 +151,15 @@ class AdminServer:
     reporting the snapshots ``source`` delivers."""
 
     def __init__(self, reactor: Reactor, listen: Sequence[Address], source: SnapshotSource,
-                 reuse_port: bool = False, writer: Optional[Writer] = None, token: str = "") -> None:
+                 reuse_port: bool = False, writer: Optional[Writer] = None, token: str = "",
+                 write_from: Sequence[str] = DEFAULT_ADMIN_WRITE_FROM) -> None:
         self.reactor = reactor
         self.listen = tuple(listen)
         self.source = source
         # The write API (adminapi.py): how an action is applied, and the bearer token ("" = writes 403).
         self.writer = writer
         self.token = token
+        self.write_from = Trusted(write_from)  # who may write at all ([admin] write_from)
         # path -> (when rendered, the complete 200 response) for pollers on kept-alive connections.
         self._cache: Dict[bytes, Tuple[float, bytes]] = {}
         self.conns: Dict[_AdminConn, None] = {}
@@ -214,8 +218,9 @@ class AdminServer:
             conn.sock.close()
 
     def _new_conn(self, sock: socket.socket, peer: object, _addr: object) -> bool:
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         who = "%s:%s" % (peer[0], peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
-        conn = _AdminConn(self, sock, who)
+        conn = _AdminConn(self, sock, who, ip)
         self.conns[conn] = None
         return len(self.conns) < ADMIN_MAX_CONNECTIONS
 
@@ -256,8 +261,13 @@ class AdminServer:
 
     def _write(self, conn: _AdminConn, req: RequestHead, path: bytes, body: bytes) -> None:
         """A write API request: authenticate, parse, apply (adminapi.py), answer JSON."""
-        denied = check_auth(self.token, req.header(b"authorization"))
         who = conn.peer
+        if conn.peer_ip not in self.write_from:
+            log.warning("admin: %s %s from %s refused: not in [admin] write_from",
+                        req.method.decode("ascii", "replace"), path[:200].decode("ascii", "replace"), who)
+            conn.respond(_json(403, {"error": "writes are not accepted from %s ([admin] write_from)" % conn.peer_ip}))
+            return
+        denied = check_auth(self.token, req.header(b"authorization"))
         if denied:
             log.warning("admin: %s %s from %s refused (%s)", req.method.decode("ascii", "replace"),
                         path[:200].decode("ascii", "replace"), who,
@@ -324,9 +334,9 @@ class _AdminConn(Protocol):
     head, write one response, linger, close."""
 
     __slots__ = ("admin", "reactor", "tr", "state", "head", "deadline", "discarded", "peer", "req", "body",
-                 "body_left", "keep", "served", "pending", "eof")
+                 "body_left", "keep", "served", "pending", "eof", "peer_ip")
 
-    def __init__(self, admin: AdminServer, sock: socket.socket, peer: str = "?") -> None:
+    def __init__(self, admin: AdminServer, sock: socket.socket, peer: str = "?", peer_ip: str = "") -> None:
         self.admin = admin
         self.reactor = admin.reactor
         self.state = _READ
@@ -334,6 +344,7 @@ class _AdminConn(Protocol):
         self.discarded = 0
         self.deadline = 0.0
         self.peer = peer  # who: the client's address, for the log of every write
+        self.peer_ip = peer_ip
         self.req: Optional[RequestHead] = None
         self.body = bytearray()
         self.body_left = 0

@@ -94,6 +94,7 @@ DEFAULT_BACKEND_MAX_CONNECTIONS = 0  # 0 = unlimited, like HAProxy server `maxco
 
 # Pools: a backend without `pool =` belongs to this one (the contract's implicit pool).
 DEFAULT_POOL = "default"
+DEFAULT_ADMIN_WRITE_FROM = ("127.0.0.0/8", "::1/128")  # the admin API's writes: loopback clients only
 DEFAULT_REDIRECT_CODE = 302  # nginx `return 302`, HAProxy `redirect location` (302 there too)
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 
@@ -238,6 +239,8 @@ class TLSConfig:
 class AdminConfig:
     listen: tuple[Address, ...]
     token_file: str = ""  # the write API's bearer token is in this file ("" = writes answer 403)
+    # Networks whose admin clients may write (with the token); others get 403. Loopback by default.
+    write_from: tuple[str, ...] = DEFAULT_ADMIN_WRITE_FROM
     # The token read from token_file (at load and at every reload), never printed.
     token: str = field(default="", repr=False, compare=False)
 
@@ -562,6 +565,15 @@ def _parse_yes_no(text: str) -> bool:
     if s in ("no", "off", "false", "0"):
         return False
     raise ValueError(f"expected yes or no, not {text.strip()!r}")
+
+
+def _parse_write_from(text: str) -> tuple[str, ...]:
+    """[admin] write_from: addresses and CIDRs, or ``any``."""
+    if text.strip().lower() == "any":
+        return ("0.0.0.0/0", "::/0")
+    if not text.strip():
+        raise ValueError("empty (loopback is the default; `any` allows every address)")
+    return _parse_client_ip(text)
 
 
 def _parse_trusted_proxies(text: str) -> tuple[str, ...]:
@@ -1353,6 +1365,7 @@ _ROUTE_MODIFIERS = (
 _ADMIN_KEYS: dict[str, tuple[_Parser, object]] = {
     "listen": (_parse_admin_listen, _REQUIRED),
     "token_file": (_parse_optional_path, ""),
+    "write_from": (_parse_write_from, DEFAULT_ADMIN_WRITE_FROM),
 }
 
 # Keys of [log] are the LogConfig fields of the same name.

@@ -32,7 +32,7 @@ from .reactor import Reactor
 from .settings import Settings
 from .strategies import make_strategy
 from .timerwheel import Timer
-from .edge import ProxyHeaderPhase, make_peer
+from .edge import ProxyHeaderPhase, Trusted, make_peer
 from .pystrategy import check_strategies
 from .tls import EdgeTLS, load_tls
 from .transport import Acceptor, Transport
@@ -100,7 +100,7 @@ class Balancer:
 
     def _make_admin(self, admin: AdminConfig) -> AdminServer:
         return AdminServer(self.reactor, admin.listen, self._admin_source, self.reuse_port,
-                           writer=self.admin_write, token=admin.token)
+                           writer=self.admin_write, token=admin.token, write_from=admin.write_from)
 
     # ---- the admin API's writes (adminapi.Runtime) -----------------------------------------------------
     def admin_write(self, action: Action, deliver: Callable[[int, Dict[str, Any]], None]) -> None:
@@ -399,6 +399,7 @@ class Balancer:
             self.resolver.trigger()
         if self.admin is not None and new_admin is not None:
             self.admin.token = new_admin.token
+            self.admin.write_from = Trusted(new_admin.write_from)
         if new_admin is None and self.admin is not None:
             self.admin.stop()
             self.admin = None

@@ -32,6 +32,7 @@ from .config import Address, Config, ConfigError, load
 from .pystrategy import check_strategies
 from .tls import load_tls
 from .control import SnapshotCollector, WorkerControl
+from .edge import Trusted
 from .reactor import Reactor
 from .listener import bind_listener
 
@@ -124,7 +125,7 @@ class Supervisor:
         if admin is None or self.admin is not None:
             return
         server = AdminServer(self.reactor, admin.listen, self.collector.collect, writer=self.collector.write,
-                             token=admin.token)
+                             token=admin.token, write_from=admin.write_from)
         server.start()
         self.admin = server
 
@@ -246,6 +247,7 @@ class Supervisor:
         self.config = config
         if config.admin is not None and self.admin is not None:
             self.admin.token = config.admin.token
+            self.admin.write_from = Trusted(config.admin.write_from)
         if config.admin is None and self.admin is not None:
             self.admin.stop()
             self.admin = None

@@ -299,3 +299,50 @@ def test_admin_answers_a_client_that_half_closes(launch: Launcher, two: List[Tes
         s.close()
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and b'"backends"' in body, data[:200]
+
+
+def test_write_from_limits_who_may_write(launch: Launcher, two: List[TestBackend]) -> None:
+    # The default is loopback; here only 127.0.0.2 may write, so 127.0.0.1 (with the right token) may not.
+    import socket
+    from support import build
+    lb = launch(two)
+    assert lb.admin_addr is not None
+    text = lb.config_path.read_text().replace("token_file =", "write_from = 127.0.0.2\ntoken_file =")
+    lb.config_path.write_text(text)
+    mark = len(lb.log_text())
+    lb.signal(signal.SIGHUP)
+    lb.wait_log("reloaded", since=mark)
+    r = api(lb, "POST", "/api/backends/b1/drain")
+    assert r.status == 403 and "write_from" in r.json()["error"]
+    lb.wait_log("refused: not in [admin] write_from")
+    s = socket.socket()
+    s.bind(("127.0.0.2", 0))
+    s.settimeout(5)
+    s.connect(lb.admin_addr)
+    s.sendall(build("POST", "/api/backends/b1/drain", [("Authorization", "Bearer %s" % TOKEN),
+                                                      ("Connection", "close")], None))
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+    assert state_of(lb, "b1") == "drain"
+
+
+def test_write_from_config(tmp_path: Path) -> None:
+    from balrs.config import ConfigError, load
+    ini = tmp_path / "lb.ini"
+    base = "[balancer]\nlisten = 127.0.0.1:1\n[backend a]\naddress = 127.0.0.1:2\n[admin]\nlisten = 127.0.0.1:3\n"
+    ini.write_text(base)
+    assert load(str(ini)).admin.write_from == ("127.0.0.0/8", "::1/128")  # type: ignore[union-attr]
+    ini.write_text(base + "write_from = any\n")
+    assert load(str(ini)).admin.write_from == ("0.0.0.0/0", "::/0")  # type: ignore[union-attr]
+    ini.write_text(base + "write_from = 10.0.0.0/8, 192.168.1.7\n")
+    assert load(str(ini)).admin.write_from == ("10.0.0.0/8", "192.168.1.7/32")  # type: ignore[union-attr]
+    ini.write_text(base + "write_from = nowhere\n")
+    with pytest.raises(ConfigError) as e:
+        load(str(ini))
+    assert str(e.value).startswith("%s:7: [admin] write_from:" % ini)
