@@ -43,6 +43,19 @@ def state_of(lb: BalrsProcess, name: str) -> Optional[str]:
     return None
 
 
+def _read_to_close(s: Any) -> bytes:
+    """Everything the peer sends until it closes; then close our socket too."""
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    finally:
+        s.close()
+
+
 class Launcher:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -290,13 +303,7 @@ def test_admin_answers_a_client_that_half_closes(launch: Launcher, two: List[Tes
         s = _socket.create_connection(workers_lb.admin_addr, timeout=5)
         s.sendall(b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n")
         s.shutdown(_socket.SHUT_WR)
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        s.close()
+        data = _read_to_close(s)
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and b'"backends"' in body, data[:200]
 
@@ -321,13 +328,7 @@ def test_write_from_limits_who_may_write(launch: Launcher, two: List[TestBackend
     s.connect(lb.admin_addr)
     s.sendall(build("POST", "/api/backends/b1/drain", [("Authorization", "Bearer %s" % TOKEN),
                                                       ("Connection", "close")], None))
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
+    data = _read_to_close(s)
     assert data.startswith(b"HTTP/1.1 200 "), data[:200]
     assert state_of(lb, "b1") == "drain"
 
