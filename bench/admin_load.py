@@ -96,6 +96,18 @@ def poll_main(port: int, n: int, interval: float, seconds: float, only_root: boo
     return 0 if not errors else 1
 
 
+def cpu_busy(cpu: Optional[int]) -> float:
+    """Busy CPU seconds (user, nice, system, irq, softirq) of one CPU so far, from /proc/stat."""
+    if cpu is None:
+        return 0.0
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu%d " % cpu):
+                v = [int(x) for x in line.split()[1:8]]
+                return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
@@ -140,24 +152,27 @@ def main(argv: Optional[List[str]] = None) -> int:
                     str(args.interval), str(args.duration + 1.5), root]), stdout=subprocess.PIPE, text=True)
                 time.sleep(0.5)  # connected and polling
                 cpu0 = load.cpu_seconds(p.pid) or 0.0
+                other0 = cpu_busy(bench.load_cpu)
                 res, _out = load.run_wrk(port, path, [], args.duration, args.connections, bench.load_cpu)
                 cpu = (load.cpu_seconds(p.pid) or 0.0) - cpu0
+                other = (cpu_busy(bench.load_cpu) - other0) / args.duration
                 out, _ = poller.communicate(timeout=30)
                 print("  " + out.strip())
                 rps = res.get("requests_per_s") or 0.0
                 requests = res.get("requests") or 0
-                results[kind].append((rps, requests / cpu if cpu else 0.0, cpu / args.duration))
+                results[kind].append((rps, requests / cpu if cpu else 0.0, cpu / args.duration, other))
                 print("  %-7s admin pollers: %9.0f req/s, balrs CPU %3.0f%%, %9.0f proxied requests per balrs "
-                      "CPU-second" % (kind, rps, 100 * cpu / args.duration, results[kind][-1][1]), flush=True)
+                      "CPU-second; the load CPU %3.0f%% busy" % (kind, rps, 100 * cpu / args.duration,
+                                                               results[kind][-1][1], 100 * other), flush=True)
 
         def mean(kind: str, i: int) -> float:
             return sum(r[i] for r in results[kind]) / len(results[kind])
 
         print("balrs small keep-alive with %d admin pollers every %gs (%s):" % (args.pollers, args.interval,
                                                                              bench.pin_note))
-        print("  req/s: %.3f of without (%.0f vs %.0f); balrs CPU %.0f%% vs %.0f%%"
+        print("  req/s: %.3f of without (%.0f vs %.0f); balrs CPU %.0f%% vs %.0f%%; the load CPU %.0f%% vs %.0f%% busy"
               % (mean("with", 0) / mean("without", 0), mean("with", 0), mean("without", 0),
-                 100 * mean("with", 2), 100 * mean("without", 2)))
+                 100 * mean("with", 2), 100 * mean("without", 2), 100 * mean("with", 3), 100 * mean("without", 3)))
         print("  proxied requests per balrs CPU-second: %.3f of without (the cost of answering the pollers; "
               "the req/s ratio also moves when the pollers take CPU from wrk and the backends)"
               % (mean("with", 1) / mean("without", 1)))
