@@ -117,9 +117,15 @@ def _dashboard(head_only: bool, keep: bool) -> bytes:
                               b"Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; "
                               b"script-src 'unsafe-inline'; img-src 'self' data:\r\n")
         if keep:
-            data = data.replace(b"Connection: close\r\n", b"", 1)
+            data = _kept_alive(data)
         _DASHBOARD_RESPONSES[(head_only, keep)] = data
     return data
+
+
+def _kept_alive(data: bytes) -> bytes:
+    """A ``Connection: close`` response (what every builder here makes) without that field."""
+    i = data.find(b"Connection: close\r\n", 0, data.find(b"\r\n\r\n") + 2)
+    return data if i < 0 else data[:i] + data[i + 19:]
 
 
 def _json(status: int, doc: Dict[str, Any], extra: bytes = b"") -> bytes:
@@ -234,7 +240,9 @@ class AdminServer:
         """Answer one request on ``conn`` (now, or when the snapshot source or the writer delivers)."""
         head_only = req.method == b"HEAD"
         path = request_path(req.target)
-        log.debug("admin: %s %s", req.method.decode("ascii", "replace"), req.target[:200].decode("ascii", "replace"))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("admin: %s %s", req.method.decode("ascii", "replace"),
+                      req.target[:200].decode("ascii", "replace"))
         if path is not None and is_api_path(path):
             self._write(conn, req, path, body)
         elif path not in (b"/", b"/metrics", b"/status"):
@@ -443,7 +451,11 @@ class _AdminConn(Protocol):
             log.debug("admin: bad request: %s", exc)
             self.respond(_error(exc.status))
             return
-        rest = bytes(self.head.buf)  # what followed the head: the start of its body (or the next request)
+        # What followed the head (the start of its body, or the next request) moves out of the head
+        # buffer, which is then empty and reused for the next request on this connection.
+        buf = self.head.buf
+        rest = bytes(buf)
+        del buf[:]
         if req.framing == CHUNKED:
             self.respond(_error(411))  # a write body is small: Content-Length, please (RFC 9110 §15.5.12)
             return
@@ -454,7 +466,6 @@ class _AdminConn(Protocol):
             self.state = _BODY
             self.req = req
             self.body_left = req.length
-            self.head = HeadBuffer(0)
             if rest:
                 self._body_data(rest)
             return
@@ -467,7 +478,9 @@ class _AdminConn(Protocol):
         self.body_left -= len(take)
         if self.body_left == 0 and self.req is not None:
             self.pending = data[len(take):]
-            self._ready(self.req, bytes(self.body))
+            body = bytes(self.body)
+            self.body.clear()
+            self._ready(self.req, body)
 
     def _ready(self, req: RequestHead, body: bytes) -> None:
         self.served += 1
@@ -475,8 +488,6 @@ class _AdminConn(Protocol):
                      and len(self.pending) <= ADMIN_HEAD_LIMIT)
         # Reading goes on (no epoll change per request): what arrives meanwhile waits in ``pending``.
         self.state = _WAIT
-        self.head = HeadBuffer(0)  # drop what was buffered
-        self.body = bytearray()
         self._set_deadline(self.reactor.now + ADMIN_SEND_TIMEOUT)
         self.admin.handle(self, req, body)
 
@@ -489,12 +500,8 @@ class _AdminConn(Protocol):
         if self.state != _WAIT:
             self.keep = False  # answered before a request was whole: its framing is unknown
         if self.keep:
-            end = data.find(b"\r\n\r\n")
-            i = data.find(b"Connection: close\r\n", 0, end + 2)
-            if i >= 0:
-                data = data[:i] + data[i + 19:]
+            data = _kept_alive(data)
         self.state = _WRITE
-        self.head = HeadBuffer(0)  # drop what was buffered
         tr = self.tr
         if not self.keep:
             # Only the write side matters now; what the client sends meanwhile waits in the kernel.
@@ -517,7 +524,6 @@ class _AdminConn(Protocol):
             return
         self.state = _READ
         self.req = None
-        self.head = HeadBuffer(ADMIN_HEAD_LIMIT)
         self._set_deadline(self.reactor.now + ADMIN_KEEPALIVE_TIMEOUT)
         self.tr.resume_reading()
         pending, self.pending = self.pending, b""

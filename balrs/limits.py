@@ -117,12 +117,20 @@ class ClientBuckets:
         if rate <= 0:
             raise ValueError("rate must be > 0")
         self.rate = float(rate)
-        # At least one token: a bucket that can never hold a whole one would refuse every request.
-        self.burst = max(1.0, float(burst) if burst > 0 else float(rate))
+        self.burst = self._burst(rate, burst)
         self.max_clients = max_clients
         # address -> [tokens, time of that count]; least recently used first
         self._b: "OrderedDict[str, List[float]]" = OrderedDict()
         self.untracked = 0
+
+    @staticmethod
+    def _burst(rate: float, burst: float) -> float:
+        # At least one token: a bucket that can never hold a whole one would refuse every request.
+        return max(1.0, float(burst) if burst > 0 else float(rate))
+
+    def same(self, rate: float, burst: float = 0.0) -> bool:
+        """Whether ``ClientBuckets(rate, burst)`` would limit as this one does (a reload keeps it then)."""
+        return self.rate == float(rate) and self.burst == self._burst(rate, burst)
 
     def __len__(self) -> int:
         return len(self._b)

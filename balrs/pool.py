@@ -389,9 +389,7 @@ class Pool:
         self.queued = 0   # live tickets in the queue
         self._wake_scheduled = False
         self.limited = any(b.max_connections for b in self.backends)
-        # The strategy's pick is the choice (no slot limit, no sticky cookie): the request path asks
-        # the strategy directly.
-        self.direct = not self.limited
+        self.direct = not self.limited  # see _set_direct (sticky is set later, by set_policy)
         # Backends a reload removed while they still had requests in flight (reported as "drain").
         self.retired: List[Backend] = []
         # Pool policy ([pool NAME] over [balancer]; Pools sets them), and the pool used while none of
@@ -421,7 +419,7 @@ class Pool:
         for b in backends:
             b.owner = self
         self.limited = any(b.max_connections for b in backends)
-        self.direct = not self.limited and self.sticky is None
+        self._set_direct()
         if strategy != self.strategy_name or hash_key != self.hash_key:
             self.strategy_name = strategy
             self.hash_key = hash_key
@@ -493,8 +491,13 @@ class Pool:
             self.sticky = sticky
         if sticky is None:
             self.rotation = set()
-        self.direct = not self.limited and self.sticky is None
+        self._set_direct()
         self.refresh()
+
+    def _set_direct(self) -> None:
+        """The strategy's pick is the choice when there is no slot limit and no sticky cookie: the request
+        path then asks the strategy directly."""
+        self.direct = not self.limited and self.sticky is None
 
     def sync_budget(self, now: float) -> None:
         """Hand the requests counted since the last call to the retry budget (the server's timer

@@ -110,10 +110,7 @@ class Balancer:
         deliver(status, doc)
 
     def backend_named(self, name: str) -> Optional[Backend]:
-        for b in self.pool.backends:
-            if b.name == name:
-                return b
-        return None
+        return self.pool.by_name(name)
 
     def pool_exists(self, name: str) -> bool:
         return name in self.pool.named
@@ -299,8 +296,7 @@ class Balancer:
         buckets = ctx.buckets
         if config.client_rate <= 0:
             ctx.buckets = None
-        elif buckets is None or buckets.rate != config.client_rate or buckets.burst != max(
-                1.0, float(config.client_burst) if config.client_burst > 0 else float(config.client_rate)):
+        elif buckets is None or not buckets.same(config.client_rate, config.client_burst):
             ctx.buckets = ClientBuckets(config.client_rate, config.client_burst)
         if config.client_connections <= 0:
             ctx.conn_limit = None

@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,9 @@ from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import load  # noqa: E402  (bench/load.py: free ports, pinning, waiting for a port)
 
 
 # ---- backends (a child process each) -------------------------------------------------------------
@@ -143,31 +145,6 @@ async def client_main(port: int, t0: float, duration: float, rate: float, conns:
 
 
 # ---- the run --------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: "subprocess.Popen[bytes]", timeout: float = 10.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("a child exited early (code %s)" % proc.returncode)
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("port %d not listening after %.0f s" % (port, timeout))
-
-
-def pin(cpu: Optional[int], argv: List[str]) -> List[str]:
-    if cpu is None or not hasattr(os, "sched_setaffinity"):
-        return argv
-    return ["taskset", "-c", str(cpu)] + argv
-
-
 def metric(admin_port: int, name: str) -> float:
     with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % admin_port, timeout=5) as r:
         for line in r.read().decode().splitlines():
@@ -200,12 +177,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     one_bad = [(k * period + (period - bad) / 2, k * period + (period - bad) / 2 + bad) for k in range(cycles)]
     all_bad = (cycles * period, cycles * period + bad)
     duration = all_bad[1] + 2.0
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    lb_cpu, rest_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
+    lb_cpu, rest_cpu, _note = load.choose_cpus()
 
     tmp = tempfile.mkdtemp(prefix="balrs-soak-")
-    ports = [free_port() for _ in range(3)]
-    lb_port, admin_port = free_port(), free_port()
+    ports = [load.free_port() for _ in range(3)]
+    lb_port, admin_port = load.free_port(), load.free_port()
     t0 = time.time() + 3.0  # time for everything to start
     until = t0 + duration + 15.0
     procs: List["subprocess.Popen[bytes]"] = []
@@ -216,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             wins.append(all_bad)
             out = os.path.join(tmp, "b%d.json" % (i + 1))
             outs.append(out)
-            procs.append(subprocess.Popen(pin(rest_cpu, [
+            procs.append(subprocess.Popen(load.pin(rest_cpu, [
                 sys.executable, os.path.abspath(__file__), BACKEND_FLAG, str(p), repr(t0),
                 ",".join("%r-%r" % w for w in wins), repr(until), out])))
         ini = os.path.join(tmp, "lb.ini")
@@ -229,12 +205,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         log_path = os.path.join(tmp, "balrs.log")
         log = open(log_path, "wb")
         env = dict(os.environ, PYTHONPATH=ROOT)
-        lb = subprocess.Popen(pin(lb_cpu, [sys.executable, "-m", "balrs", ini]), stderr=log, env=env, cwd=tmp)
+        lb = subprocess.Popen(load.pin(lb_cpu, [sys.executable, "-m", "balrs", ini]), stderr=log, env=env, cwd=tmp)
         procs.append(lb)
         for p, proc in zip(ports, procs):
-            wait_port(p, proc)
-        wait_port(lb_port, lb)
-        wait_port(admin_port, lb)
+            load.wait_listening(p, proc)
+        load.wait_listening(lb_port, lb)
+        load.wait_listening(admin_port, lb)
         if time.time() > t0:
             raise SystemExit("start-up took longer than 3 s")
         print("soak: %.0f s at %.0f GET/s; b1 bad during %s; all bad during %s; retry_budget %s, retries %d"

@@ -464,14 +464,7 @@ class ClientConn(Protocol):
         assert ex is not None
         req = ex.req
         assert req is not None
-        # _head_for, inlined: this is the hot path.
-        if (ex.request_id is None and not self.xf and not self.settings.forwarded
-                and (ex.route_ref is None or (ex.fwd_target is None and ex.edit is None))):
-            data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header, b"", None, None,
-                                         XF_APPEND, self.proto)
-        else:
-            data = self._upstream_head(ex, req, backend)
-        self.req_bytes = data
+        self.req_bytes = data = self._head_for(ex, req, backend)
         up = backend.idle.take()
         if up is not None:
             self.upstream = up
@@ -792,8 +785,7 @@ class ClientConn(Protocol):
                 return
             if why == F_CONNECT_TIMEOUT:
                 failed.timeouts += 1
-            if not failed.tried or failed.tried[-1] is not backend:
-                failed.tried.append(backend)
+            _tried(failed, backend)
             # Nothing reached a backend: the unsent bytes can go to another one.
             other = self.retry_target(RETRY_CONNECT) if pending is not None else None
             if other is not None and pending is not None:
@@ -844,13 +836,11 @@ class ClientConn(Protocol):
         failed = ex.failed
         if failed is None:
             failed = ex.failed = Attempts()
-        tried = failed.tried
-        be = ex.be
-        if be is not None and (not tried or tried[-1] is not be):
-            tried.append(be)
+        if ex.be is not None:
+            _tried(failed, ex.be)
         if failed.retries >= pool.retries:
             return None
-        other = pool.choose(req, ex.client, tried)
+        other = pool.choose(req, ex.client, failed.tried)
         if other is None:
             return None
         if condition != RETRY_CONNECT and not pool.try_retry(self.ctx.reactor.now):
@@ -1157,6 +1147,13 @@ class ClientConn(Protocol):
             self.counted = None
             counted.close(self.client_ip)
         self.ctx.client_closed(self)
+
+
+def _tried(failed: Attempts, backend: Backend) -> None:
+    """Record that the exchange tried ``backend`` (once for consecutive failures on it)."""
+    tried = failed.tried
+    if not tried or tried[-1] is not backend:
+        tried.append(backend)
 
 
 class OverLimitClient(ClientConn):

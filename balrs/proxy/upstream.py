@@ -37,10 +37,6 @@ __all__ = ["UpstreamConn", "UPSTREAM_RECV_SIZE", "POOL_IDLE_TIMEOUT", "readable_
 
 log = logging.getLogger("balrs")
 
-# What _bad_answer made of a 502/503/504 listed in retry_on: a failure of the backend, and retried.
-BAD_COUNTED = 1
-BAD_RETRIED = 2
-
 # Bytes read per recv() from a backend. recv(n) allocates n bytes first; at 128 KiB and above glibc's
 # malloc maps and unmaps fresh pages for every read (measured: ~30 us per recv instead of ~5), so reads
 # stay below its mmap threshold.
@@ -283,12 +279,9 @@ class UpstreamConn(Protocol):
         backend = self.backend
         now = ex.t_response = self.ctx.reactor.now
         backend.observe(now - self.sent_at, now, status)
-        if 502 <= status <= 504:
-            bad = self._bad_answer(ex, down, status)
-            if bad == BAD_RETRIED:
-                return
-            if not bad and backend.consecutive_errors:
-                self.ctx.outliers.success(backend)
+        if 502 <= status <= 504 and self._bad_answer(ex, down, status):
+            if self.state == U_CLOSED:
+                return  # discarded: the request went to another backend
         elif backend.consecutive_errors:
             self.ctx.outliers.success(backend)
         if not resp.keep_alive:
@@ -337,28 +330,24 @@ class UpstreamConn(Protocol):
         if body.done:
             self._response_complete()
 
-    def _bad_answer(self, ex: Exchange, down: Downstream, status: int) -> int:
+    def _bad_answer(self, ex: Exchange, down: Downstream, status: int) -> bool:
         """A 502, 503 or 504 from the backend. When the pool's retry_on lists it, it counts as a failure
-        of the backend (passive health), and if the exchange may be retried the response is discarded
-        whole (this connection closes, nothing of it reaches the client) and the request goes to
-        another backend. Returns 0 (not a failure here), BAD_COUNTED or BAD_RETRIED."""
+        of the backend (passive health; True is returned), and if the exchange may be retried the
+        response is discarded whole (this connection closes, nothing of it reaches the client) and the
+        request goes to another backend."""
         pool = ex.pool_ref
         bit = RETRY_STATUS[status - 502]
         if pool is None or not pool.retry_on & bit:
-            return 0
+            return False
         backend = self.backend
         backend.record_failure()
         self.ctx.outliers.failure(backend, str(status))
         other = down.retry_target(bit)
-        if other is None:
-            return BAD_COUNTED
-        log.debug("backend %s answered %d; retrying on %s", backend.name, status, other.name)
-        self.keep = False
-        self._detach()
-        self._to(U_CLOSED)
-        self.tr.close()
-        down.resend(other)
-        return BAD_RETRIED
+        if other is not None:
+            log.debug("backend %s answered %d; retrying on %s", backend.name, status, other.name)
+            self.close()
+            down.resend(other)
+        return True
 
     def _response_complete(self) -> None:
         ex = self.ex
