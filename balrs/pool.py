@@ -673,11 +673,11 @@ class Pools:
         key: Optional[bytes] = None
         for pc in configs:
             cookie = pc.sticky if pc.sticky is not None else config.sticky
-            sticky = None
+            sticky: Optional[Sticky[Backend]] = None
             if cookie:
                 if key is None:
                     key = sticky_key(config.sticky_secret, (b.name for b in config.backends))
-                sticky = Sticky[Backend](cookie, key)
+                sticky = Sticky(cookie, key)
             by_name[pc.name].set_policy(
                 pc.retry_on if pc.retry_on is not None else config.retry_on,
                 pc.retry_budget if pc.retry_budget is not None else config.retry_budget,

@@ -464,7 +464,14 @@ class ClientConn(Protocol):
         assert ex is not None
         req = ex.req
         assert req is not None
-        self.req_bytes = data = self._head_for(ex, req, backend)
+        # _head_for inlined (a call here costs 0.5% of a small request's instructions, callgrind).
+        if (ex.request_id is None and not self.xf and not self.settings.forwarded
+                and (ex.route_ref is None or (ex.fwd_target is None and ex.edit is None))):
+            data = upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header, b"", None, None,
+                                         XF_APPEND, self.proto)
+        else:
+            data = self._upstream_head(ex, req, backend)
+        self.req_bytes = data
         up = backend.idle.take()
         if up is not None:
             self.upstream = up
