@@ -629,16 +629,22 @@ def _pool_configs(config: Config) -> List[PoolConfig]:
 class Pools:
     """Every pool of a balancer, by name, over one list of backends (names are unique across pools).
     A reload matches backends by name and address across all pools (a backend may change pool and
-    keep its state), keeps a pool's object (and its queue) by name, and builds new ones."""
+    keep its state), keeps a pool's object (and its queue) by name, and builds new ones. With
+    ``resolve=False`` no address is looked up and every backend counts as resolved (a model of the
+    pools for ``explain`` and ``simulate``)."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  call_soon: Callable[[Callable[[], object]], None] = _run_now, *,
-                 make_strategy: StrategyFactory) -> None:
+                 make_strategy: StrategyFactory, resolve: bool = True) -> None:
         self.clock = clock
         self.call_soon = call_soon
         self.make_strategy = make_strategy
         now = clock()
-        self.backends: List[Backend] = [Backend(c, now) for c in config.backends]
+        self.backends: List[Backend] = [Backend(c, now, resolve) for c in config.backends]
+        if not resolve:
+            # A model of the pools (explain, simulate): every backend counts as resolved, no DNS asked.
+            for b in self.backends:
+                b.mark_resolved(now)
         self.named: Dict[str, Pool] = {}
         self.order: List[Pool] = []
         self.default: Optional[Pool] = None
