@@ -28,6 +28,7 @@ SUBCOMMANDS = [
     ("status [ADMIN_ADDR] [--watch]", "live report of a running balrs ([admin])"),
     ("demo", "a self-contained demo on 127.0.0.1"),
     ("zipapp [-o balrs.pyz]", "build balrs as one runnable file"),
+    ('explain lb.ini "GET /path" [--host H] [--admin ADDR]', "why a request goes to the backend it goes to"),
 ]
 
 
@@ -124,6 +125,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # `python -m balrs zipapp [-o balrs.pyz]`: a reproducible single-file build (pyz.py).
         from .pyz import main as zipapp_main
         return zipapp_main(argv[1:])
+    if argv and argv[0] == "explain":
+        # `python -m balrs explain lb.ini "GET /path" ...`: the routes, pool, backends and pick (explain.py).
+        from .explain import main as explain_main
+        return explain_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load(args.config)
