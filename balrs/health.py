@@ -419,7 +419,7 @@ class Health:
             if not backend.up and backend.health_successes >= cfg.rise:
                 self._mark_up(backend, "%d consecutive probe passes" % backend.health_successes)
         else:
-            backend.probe_failed(self.now)
+            backend.probe_failed(self.now, why)
             log.debug("backend %s: probe failed: %s", backend.name, why)
             if backend.up and backend.health_failures >= cfg.fall:
                 self._mark_down(backend, "%d consecutive probe failures (last: %s)"

@@ -78,7 +78,7 @@ class Backend:
         "name", "config", "family", "sockaddr", "addrs", "host_header", "resolved",
         "weight", "eff_weight", "max_connections",
         "active", "requests", "failures", "responses", "latency", "latency_sum",
-        "up", "health_successes", "health_failures", "transitions", "last_check", "last_check_ok",
+        "up", "health_successes", "health_failures", "transitions", "last_check", "last_check_ok", "last_check_why",
         "ejected_until", "ejections", "consecutive_errors", "up_since", "draining", "admin_state",
         "ewma", "ewma_at", "idle", "pool", "owner", "tls", "send_proxy",
     )
@@ -116,6 +116,7 @@ class Backend:
         self.transitions = 0         # up <-> down changes
         self.last_check = 0.0        # when the last probe finished
         self.last_check_ok = True
+        self.last_check_why = ""     # what the last failing probe saw
         self.ejected_until = 0.0     # passive: out of rotation until then
         self.ejections = 0           # consecutive ejections (the cooldown grows with them)
         self.consecutive_errors = 0  # live-traffic failures in a row
@@ -261,10 +262,11 @@ class Backend:
         self.health_failures = 0
         return self.health_successes
 
-    def probe_failed(self, now: float) -> int:
-        """An active probe failed: consecutive failures so far."""
+    def probe_failed(self, now: float, why: str = "") -> int:
+        """An active probe failed (``why``: what it saw): consecutive failures so far."""
         self.last_check = now
         self.last_check_ok = False
+        self.last_check_why = why
         self.health_failures += 1
         self.health_successes = 0
         return self.health_failures
@@ -342,6 +344,8 @@ class Chooser(Protocol):
 
     def choose_excluding(self, req: RequestHead, client_ip: str,
                          exclude: Collection[Backend]) -> Optional[Backend]: ...
+
+    def view(self, req: RequestHead, client_ip: str) -> Dict[str, object]: ...
 
 
 # make(name, eligible backends, hash_key, clock): a strategy instance (strategies.make_strategy).

@@ -59,6 +59,10 @@ def match_host(raw: Optional[bytes]) -> bytes:
     return host
 
 
+def _show(value: bytes) -> str:
+    return value.decode("latin-1")
+
+
 def _first_segment(path: bytes) -> bytes:
     end = path.find(b"/", 1)
     return path[1:] if end < 0 else path[1:end]
@@ -194,6 +198,39 @@ class Route:
         if self.regex is not None and self.regex.search(path) is None:
             return False
         return True
+
+    def mismatch(self, req: RequestHead, host: bytes, path: bytes, client_ip: str, scheme: bytes) -> Optional[str]:
+        """For ``explain``: the first key of this route that the request does not match, said in words
+        (None: every key matches). The keys in the order :meth:`matches` checks them, the host first.
+        ``host`` is :func:`match_host` of the request's Host, ``path`` the normalised path."""
+        show = _show
+        if not self.host_can_match(host):
+            return "host: %s is not %s" % (show(host) or "(none)", " or ".join(self.config.hosts))
+        if self.prefix is not None and not path.startswith(self.prefix):
+            return "path_prefix: %s does not start with %s" % (show(path), show(self.prefix))
+        if self.exact is not None and path != self.exact:
+            return "path: %s is not %s" % (show(path), show(self.exact))
+        if self.methods is not None and req.method not in self.methods:
+            return "methods: %s is not one of %s" % (show(req.method), " ".join(self.config.methods))
+        if self.scheme is not None and scheme != self.scheme:
+            return "scheme: %s is not %s" % (show(scheme), show(self.scheme))
+        for name, value in self.headers:
+            got = req.find_field(name)
+            if got is None:
+                return "header %s: absent" % show(name)
+            if value is not None and got != value and value not in [
+                    v for n, v in zip(req.lnames, req.values) if n == name]:
+                return "header %s: %s is not %s" % (show(name), show(got), show(value))
+        if self.networks:
+            try:
+                addr = ipaddress.ip_address(client_ip.split("%", 1)[0])
+            except ValueError:
+                return "client_ip: %s is not an IP address" % client_ip
+            if not any(addr in net for net in self.networks):
+                return "client_ip: %s is not in %s" % (client_ip, " ".join(self.config.client_ip))
+        if self.regex is not None and self.regex.search(path) is None:
+            return "path_regex: %s does not match %s" % (show(path), self.config.path_regex)
+        return None
 
     # ---- actions ----
     def pool(self) -> str:

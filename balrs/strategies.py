@@ -109,6 +109,10 @@ class Strategy:
     def choose(self, req: RequestHead, client_ip: str) -> Optional[Backend]:
         raise NotImplementedError
 
+    def view(self, req: RequestHead, client_ip: str) -> Dict[str, object]:
+        """What this strategy weighs for the request, for ``explain`` (read-only: picks nothing)."""
+        return {}
+
     def choose_excluding(self, req: RequestHead, client_ip: str,
                          exclude: Collection[Backend]) -> Optional[Backend]:
         """A backend not in ``exclude`` (retries, and skipping backends at max_connections), or None
@@ -238,6 +242,15 @@ class RoundRobin(Strategy):
                 return b
         return None
 
+    def view(self, req: RequestHead, client_ip: str) -> Dict[str, object]:
+        seq = self._seq
+        if seq:
+            n = len(seq)
+            return {"next": [seq[(self._pos + k) % n].name for k in range(min(n, 8))],
+                    "cycle": n, "weights": {b.name: b.eff_weight for b in self.backends}}
+        return {"weights": {b.name: b.eff_weight for b in self.backends},
+                "current": {b.name: c for b, c in zip(self.backends, self._current)}}
+
     def _walk(self) -> Optional[Backend]:
         backends = self.backends
         if not backends:
@@ -296,6 +309,15 @@ class _Rotating(Strategy):
         i = self._index[b] + 1
         self._next = i if i < len(self.backends) else 0
         return b
+
+    def view(self, req: RequestHead, client_ip: str) -> Dict[str, object]:
+        n = len(self.backends)
+        return {"scan_from": self.backends[self._next].name if n else None,
+                "scores": {b.name: self.score(b) for b in self.backends}}
+
+    def score(self, b: Backend) -> object:
+        """A backend's score as this strategy compares it (lower is better)."""
+        return b.active
 
 
 class LeastConnections(_Rotating):
@@ -356,6 +378,10 @@ class WeightedLeastConnections(Strategy):
         self.backends = list(backends)
         self._current: List[float] = [0.0] * len(self.backends)  # nginx's current_weight, for partial ties
         self._rr.update(self.backends)
+
+    def view(self, req: RequestHead, client_ip: str) -> Dict[str, object]:
+        return {"scores": {b.name: round(b.active / (b.eff_weight or _TINY_WEIGHT), 6) for b in self.backends},
+                "score": "in flight / weight"}
 
     def choose(self, req: RequestHead, client_ip: str) -> Optional[Backend]:
         backends = self.backends
@@ -438,6 +464,19 @@ class LeastResponseTime(_Rotating):
     name = "least_response_time"
     weighted = False
 
+    def score(self, b: Backend) -> object:
+        """The expected wait ``_best`` compares, in seconds ("unmeasured" before a first sample)."""
+        e = b.ewma
+        if e < 0.0:
+            return "unmeasured, %d in flight" % b.active
+        age = self.clock() - b.ewma_at
+        if age > 0.0:
+            e *= _exp(age * _DECAY_RATE)
+        e *= b.active + 1
+        if self.weighted:
+            e /= b.eff_weight or _TINY_WEIGHT
+        return round(e, 6)
+
     def choose(self, req: RequestHead, client_ip: str) -> Optional[Backend]:
         n = len(self.backends)
         if not n:
@@ -502,6 +541,10 @@ class _WeightedDraw(Strategy):
         self.backends = list(backends)
         self._cum, self._total = _cumulative(self.backends)
         self._random = self.rng.random
+
+    def view(self, req: RequestHead, client_ip: str) -> Dict[str, object]:
+        total = self._total or 1.0
+        return {"chance": {b.name: round(b.eff_weight / total, 4) for b in self.backends}}
 
     def _draw(self) -> int:
         i = bisect_right(self._cum, self._random() * self._total)
@@ -590,6 +633,13 @@ class IpHash(Strategy):
     def _slot(self, client_ip: str) -> int:
         # Multiply-shift range reduction of the 64-bit mixed hash: uses its high, well-mixed bits.
         return ((zlib.crc32(client_ip.encode()) * _GOLDEN64) & _MASK64) * len(self._table) >> 64
+
+    def view(self, req: RequestHead, client_ip: str) -> Dict[str, object]:
+        table = self._table
+        if not table:
+            return {"key": client_ip}
+        slot = self._slot(client_ip)
+        return {"key": client_ip, "slot": slot, "slots": len(table), "owner": table[slot].name}
 
     def choose(self, req: RequestHead, client_ip: str) -> Optional[Backend]:
         table = self._table
@@ -755,6 +805,28 @@ class ConsistentHash(Strategy):
         self._by_slot = by_name
         self._bound_scale = 100 * (sum(b.eff_weight for b in by_name if b.eff_weight > 0) or len(by_name))
 
+    def view(self, req: RequestHead, client_ip: str) -> Dict[str, object]:
+        key = self._key(req, client_ip)
+        out: Dict[str, object] = {"hash_key": self.hash_key, "ring_points": len(self._ring)}
+        if key is None:
+            out["key"] = None
+            out["note"] = "the request has no %s: round robin" % self.hash_key
+            return out
+        out["key"] = key.decode("latin-1")
+        ring = self._ring
+        if ring:
+            point = ((zlib.crc32(key) * _GOLDEN64) & _MASK64) << _SLOT_BITS
+            j = bisect_left(ring, point)
+            if j == len(ring):
+                j = 0
+            owner = self._by_slot[ring[j] & _SLOT_MASK]
+            in_flight = sum(map(_active, self.backends))
+            out["point"] = "%016x" % (point >> _SLOT_BITS)
+            out["owner"] = owner.name
+            out["owner_in_flight"] = owner.active
+            out["under_load_bound"] = self._under_bound(owner, in_flight)
+        return out
+
     def _under_bound(self, b: Backend, in_flight: int) -> bool:
         """HAProxy's chash_server_is_eligible: active < ceil(factor% * (in_flight + 1) * w / W),
         in integers: 100 * W * active < factor * (in_flight + 1) * w."""
@@ -870,6 +942,9 @@ class PythonStrategy(Strategy):
         except Exception as exc:
             self.failed("%s()" % cls.__name__, exc)
         super().__init__(backends, hash_key=hash_key, clock=clock, rng=rng)
+
+    def view(self, req: RequestHead, client_ip: str) -> Dict[str, object]:
+        return {"class": self.spec}
 
     def failed(self, what: str, exc: Optional[BaseException], detail: str = "") -> None:
         """Count a failure of the user's code; log it unless one was logged less than a second ago."""

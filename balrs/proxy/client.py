@@ -32,7 +32,7 @@ from ..http.heads import CHUNKED, LENGTH, NO_BODY, HeadBuffer, RequestHead, Resp
 from ..http.paths import needs_normalising, normalise_target
 from ..limits import RETRY_CONNECT, RETRY_EMPTY, RETRY_TIMEOUT, ClientConnections
 from ..routing import ACT_POOL, ACT_REDIRECT, Route, match_host
-from ..settings import CLIENT_RECV_SIZE
+from ..settings import CLIENT_RECV_SIZE, Settings
 from ..transport import Chunk, Protocol
 from .exchange import (
     END_BACKEND_ERROR, END_BACKEND_TIMEOUT, END_CLIENT_ABORT, END_CLIENT_TIMEOUT, END_INTERNAL, END_LIMITED,
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from ..pool import Backend, Pool, Ticket
     from ..sticky import Sticky
 
-__all__ = ["ClientConn", "OverLimitClient"]
+__all__ = ["ClientConn", "OverLimitClient", "upstream_head"]
 
 log = logging.getLogger("balrs")
 
@@ -86,6 +86,41 @@ _HOT_TRANSITIONS = ((C_IDLE, C_WAIT), (C_HEAD, C_WAIT), (C_WAIT, C_IDLE))
 for _a, _b in _HOT_TRANSITIONS:
     if _b not in _CLIENT_NEXT[_a]:
         raise AssertionError("client connection: no transition %d -> %d" % (_a, _b))
+
+
+def upstream_head(settings: Settings, ex: Exchange, req: RequestHead, host_header: bytes, xf: int,
+                  client_ip_b: bytes, suffix: bytes, proto: bytes) -> bytes:
+    """The upstream head of a request with something to add or remove: a request id, a route's path
+    rewrite or field edits, the edge's X-Forwarded-* policy or an RFC 7239 Forwarded element."""
+    extra = b""
+    remove: Optional[FrozenSet[bytes]] = None
+    target: Optional[bytes] = None
+    route = ex.route_ref
+    routed = route is not None and (ex.fwd_target is not None or ex.edit is not None)
+    if routed:
+        assert route is not None
+        extra = route.request_extra
+        remove = route.request_remove or None
+        target = ex.fwd_target
+    rid = ex.request_id
+    if rid is not None:
+        sent = req.find_field(settings.request_id)
+        if routed or sent != rid or req.low.count(b"\r\n%s:" % settings.request_id) != 1:
+            # Ours is added (or the client's valid one again); every one the client sent is removed,
+            # so the backend sees exactly one. (The client's valid id alone goes on as it came.)
+            extra += b"%s: %s\r\n" % (settings.request_id_field, rid)
+            if sent is not None or routed:
+                remove = (remove or frozenset()).union((settings.request_id,))
+    if xf == XF_REPLACE or settings.forwarded:
+        incoming = req.header(b"forwarded") if b"\r\nforwarded:" in req.low else None
+        if incoming is not None:
+            remove = (remove or frozenset()).union((b"forwarded",))
+        if settings.forwarded:
+            ours = forwarded_element(client_ip_b, proto, req.host)
+            extra += b"Forwarded: %s\r\n" % (
+                ours if incoming is None or xf == XF_REPLACE else incoming + b", " + ours)
+    return upstream_request_head(req, client_ip_b, suffix, host_header, extra, remove,
+                                 target, xf, proto)
 
 
 class ClientConn(Protocol):
@@ -490,39 +525,8 @@ class ClientConn(Protocol):
         return self._upstream_head(ex, req, backend)
 
     def _upstream_head(self, ex: Exchange, req: RequestHead, backend: Backend) -> bytes:
-        """The upstream head of a request with something to add or remove: a request id, a route's path
-        rewrite or field edits, the edge's X-Forwarded-* policy or an RFC 7239 Forwarded element."""
-        settings = self.settings
-        extra = b""
-        remove: Optional[FrozenSet[bytes]] = None
-        target: Optional[bytes] = None
-        route = ex.route_ref
-        routed = route is not None and (ex.fwd_target is not None or ex.edit is not None)
-        if routed:
-            assert route is not None
-            extra = route.request_extra
-            remove = route.request_remove or None
-            target = ex.fwd_target
-        rid = ex.request_id
-        if rid is not None:
-            sent = req.find_field(settings.request_id)
-            if routed or sent != rid or req.low.count(b"\r\n%s:" % settings.request_id) != 1:
-                # Ours is added (or the client's valid one again); every one the client sent is removed,
-                # so the backend sees exactly one. (The client's valid id alone goes on as it came.)
-                extra += b"%s: %s\r\n" % (settings.request_id_field, rid)
-                if sent is not None or routed:
-                    remove = (remove or frozenset()).union((settings.request_id,))
-        xf = self.xf
-        if xf == XF_REPLACE or settings.forwarded:
-            incoming = req.header(b"forwarded") if b"\r\nforwarded:" in req.low else None
-            if incoming is not None:
-                remove = (remove or frozenset()).union((b"forwarded",))
-            if settings.forwarded:
-                ours = forwarded_element(self.client_ip_b, self.proto, req.host)
-                extra += b"Forwarded: %s\r\n" % (
-                    ours if incoming is None or xf == XF_REPLACE else incoming + b", " + ours)
-        return upstream_request_head(req, self.client_ip_b, self.suffix, backend.host_header, extra, remove,
-                                     target, xf, self.proto)
+        return upstream_head(self.settings, ex, req, backend.host_header, self.xf, self.client_ip_b, self.suffix,
+                             self.proto)
 
     def _enqueue(self) -> None:
         """Every eligible backend is at max_connections: wait for a slot (FIFO), up to queue_timeout.
