@@ -158,7 +158,7 @@ class AdminServer:
 
     def __init__(self, reactor: Reactor, listen: Sequence[Address], source: SnapshotSource,
                  reuse_port: bool = False, writer: Optional[Writer] = None, token: str = "",
-                 write_from: Sequence[str] = DEFAULT_ADMIN_WRITE_FROM) -> None:
+                 write_from: Sequence[str] = DEFAULT_ADMIN_WRITE_FROM, explainer: Optional[Writer] = None) -> None:
         self.reactor = reactor
         self.listen = tuple(listen)
         self.source = source
@@ -166,6 +166,8 @@ class AdminServer:
         self.writer = writer
         self.token = token
         self.write_from = Trusted(write_from)  # who may write at all ([admin] write_from)
+        # GET /api/explain (read-only, like /status): {"op": "explain", "query": ...} -> its answer.
+        self.explainer = explainer
         # path -> (when rendered, the complete 200 response) for pollers on kept-alive connections.
         self._cache: Dict[bytes, Tuple[float, bytes]] = {}
         self.conns: Dict[_AdminConn, None] = {}
@@ -243,7 +245,9 @@ class AdminServer:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("admin: %s %s", req.method.decode("ascii", "replace"),
                       req.target[:200].decode("ascii", "replace"))
-        if path is not None and is_api_path(path):
+        if path == b"/api/explain":
+            self._explain(conn, req)
+        elif path is not None and is_api_path(path):
             self._write(conn, req, path, body)
         elif path not in (b"/", b"/metrics", b"/status"):
             conn.respond(_error(404, head_only))
@@ -266,6 +270,23 @@ class AdminServer:
                 log.error("admin: cannot answer %s: %s: %s", path.decode("ascii", "replace"),
                           type(exc).__name__, exc)
                 conn.respond(_error(500, head_only))
+
+    def _explain(self, conn: _AdminConn, req: RequestHead) -> None:
+        """``GET /api/explain?method=GET&target=/path&host=...``: explain.py inside the balancer."""
+        if req.method != b"GET":
+            conn.respond(_json(405, {"error": "GET /api/explain?target=/path&host=H"}, b"Allow: GET\r\n"))
+            return
+        explainer = self.explainer
+        if explainer is None:
+            conn.respond(_json(503, {"error": "explain is not available here"}))
+            return
+        q = req.target.find(b"?")
+        query = req.target[q + 1:].decode("latin-1") if q >= 0 else ""
+        try:
+            explainer({"op": "explain", "query": query}, lambda status, doc: conn.respond(_json(status, doc)))
+        except Exception as exc:  # a bug in explain must cost one answer, not the loop
+            log.exception("admin: cannot explain %s", query[:200])
+            conn.respond(_json(500, {"error": "%s: %s" % (type(exc).__name__, exc)}))
 
     def _write(self, conn: _AdminConn, req: RequestHead, path: bytes, body: bytes) -> None:
         """A write API request: authenticate, parse, apply (adminapi.py), answer JSON."""

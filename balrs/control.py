@@ -254,12 +254,13 @@ class _Round:
 class _Write:
     """An admin API write on its way to every worker."""
 
-    __slots__ = ("id", "action", "waiting", "answers", "asked", "deliver", "timer")
+    __slots__ = ("id", "action", "waiting", "answers", "asked", "deliver", "timer", "read_only")
 
     def __init__(self, write_id: str, action: Action, waiting: Sequence[int],
-                 deliver: Callable[[int, Dict[str, Any]], None]) -> None:
+                 deliver: Callable[[int, Dict[str, Any]], None], read_only: bool = False) -> None:
         self.id = write_id
         self.action = action
+        self.read_only = read_only  # a question (explain), not a change: never journaled
         self.waiting = set(waiting)
         self.asked = sorted(waiting)
         self.answers: Dict[int, Tuple[int, Dict[str, Any]]] = {}
@@ -402,10 +403,19 @@ class SnapshotCollector:
     # ---- writes ----
     def write(self, action: Action, deliver: Callable[[int, Dict[str, Any]], None]) -> None:
         """An ``AdminServer`` writer: apply ``action`` in every worker (see the class docstring)."""
+        self._send(action, deliver, False)
+
+    def ask(self, action: Action, deliver: Callable[[int, Dict[str, Any]], None]) -> None:
+        """A read-only question (``{"op": "explain", ...}``) for one worker, the oldest: its answer is
+        that worker's view (each keeps its own in-flight counts and health state)."""
+        self._send(action, deliver, True)
+
+    def _send(self, action: Action, deliver: Callable[[int, Dict[str, Any]], None], read_only: bool) -> None:
         if not self.workers:
             deliver(503, {"error": "no worker is running"})
             return
-        wr = _Write("w%d" % self._next_id, action, list(self.workers), deliver)
+        waiting = [min(self.workers)] if read_only else list(self.workers)
+        wr = _Write("w%d" % self._next_id, action, waiting, deliver, read_only)
         self._next_id += 1
         self.writes[wr.id] = wr
         for pid in list(wr.waiting):
@@ -446,8 +456,11 @@ class SnapshotCollector:
         if len(answers) == len(wr.asked) and len(statuses) == 1:
             status = statuses.pop()
             doc = dict(next(iter(answers.values()))[1])
-            doc["workers"] = len(answers)
-            if status < 300:
+            if wr.read_only:
+                doc["worker"] = wr.asked[0]
+            else:
+                doc["workers"] = len(answers)
+            if status < 300 and not wr.read_only:
                 self._journal(wr.action)
         else:
             applied = sorted(pid for pid, (st, _d) in answers.items() if st < 300)
@@ -455,7 +468,7 @@ class SnapshotCollector:
                                  else "no answer") for pid in wr.asked if pid not in applied}
             status, doc = 500, {"error": "applied by %d of %d workers" % (len(applied), len(wr.asked)),
                                 "applied": applied, "failed": failed}
-            if applied:
+            if applied and not wr.read_only:
                 self._journal(wr.action)
         try:
             wr.deliver(status, doc)

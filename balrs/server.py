@@ -27,6 +27,7 @@ from .metrics import Snapshot, snapshot as metrics_snapshot
 from .resolver import Resolver, is_ip_literal
 from .pool import ADMIN_MAINT, Backend, Pools
 from .routing import RouteTable
+from .explain import explain, question_from_query
 from .proxy import ClientConn, OverLimitClient, ProxyContext
 from .reactor import Reactor
 from .settings import Settings
@@ -100,12 +101,23 @@ class Balancer:
 
     def _make_admin(self, admin: AdminConfig) -> AdminServer:
         return AdminServer(self.reactor, admin.listen, self._admin_source, self.reuse_port,
-                           writer=self.admin_write, token=admin.token, write_from=admin.write_from)
+                           writer=self.admin_write, token=admin.token, write_from=admin.write_from,
+                           explainer=self.admin_write)
 
     # ---- the admin API's writes (adminapi.Runtime) -----------------------------------------------------
     def admin_write(self, action: Action, deliver: Callable[[int, Dict[str, Any]], None]) -> None:
         """Apply an admin API action now and deliver its answer (also what a worker does for the
         supervisor, over the control channel)."""
+        if action.get("op") == "explain":
+            # Read-only: GET /api/explain (here, or for the supervisor over the control channel).
+            try:
+                question = question_from_query(str(action.get("query", "")))
+            except ValueError as exc:
+                deliver(400, {"error": str(exc)})
+                return
+            deliver(200, explain(question, self.config, self.pool, self.router, self.settings, self.reactor.now,
+                                 True))
+            return
         status, doc = apply_action(self, action)
         deliver(status, doc)
 

@@ -125,6 +125,7 @@ class Supervisor:
         if admin is None or self.admin is not None:
             return
         server = AdminServer(self.reactor, admin.listen, self.collector.collect, writer=self.collector.write,
+                             explainer=self.collector.ask,
                              token=admin.token, write_from=admin.write_from)
         server.start()
         self.admin = server
