@@ -174,6 +174,15 @@ def _exclusion(b: Backend, pool: Pool, pools: Pools, now: float) -> Tuple[bool, 
     return True, ""
 
 
+def _members(pool: Pool, pools: Pools) -> List[Backend]:
+    """The pool's backends, and those a reload removed that still finish requests (draining)."""
+    out = list(pool.backends)
+    for b in pool.retired + pools.retired:
+        if b.pool == pool.name and b not in out:
+            out.append(b)
+    return out
+
+
 def _backend_entry(b: Backend, pool: Pool, pools: Pools, rotation: Sequence[Backend], now: float) -> Dict[str, Any]:
     eligible, why = _exclusion(b, pool, pools, now)
     in_rotation = b in rotation
@@ -307,8 +316,7 @@ def explain(q: Question, config: Config, pools: Pools, router: Optional[RouteTab
             "name": current.name, "strategy": current.strategy_name, "hash_key": current.hash_key,
             "panic": current.panicking, "sticky": current.sticky.name.decode("ascii") if current.sticky else None,
             "backup": current.backup.name if current.backup is not None else None,
-            "backends": [_backend_entry(b, current, pools, rotation, now)
-                         for b in list(current.backends) + [b for b in current.retired if b not in current.backends]],
+            "backends": [_backend_entry(b, current, pools, rotation, now) for b in _members(current, pools)],
         }
         try:
             entry["view"] = current.strategy.view(req, client_ip)
@@ -353,7 +361,7 @@ def explain(q: Question, config: Config, pools: Pools, router: Optional[RouteTab
         else:
             ex.request_id = b"<generated>"
             out["request_id"] = "generated (the client sent %s)" % ("none" if got is None else "an invalid one")
-    client_b = client_ip.encode("ascii", "replace")
+    client_b = q.client_ip.encode("ascii", "replace")  # the peer, as the connection appends it
     upstream = upstream_head(settings, ex, req, backend.host_header, xf, client_b,
                              forwarded_suffix(client_b, scheme), scheme)
     out["forwarded"] = upstream.decode("latin-1").rstrip("\r\n").split("\r\n")
@@ -388,7 +396,8 @@ def render(doc: Dict[str, Any]) -> str:
         lines.append("routes")
         for t in routes:
             mark = "match" if t["matched"] else "no   "
-            lines.append("  %s  %-16s line %-4s %s" % (mark, t["name"], t["line"], t["mismatch"] or "every key matches"))
+            lines.append("  %s  %-16s line %-4s %s" % (mark, t["name"], t["line"],
+                                                      t["mismatch"] or "every key matches"))
         if doc.get("route") is None:
             lines.append("  no route matched")
     if doc.get("route"):
