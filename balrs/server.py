@@ -27,7 +27,6 @@ from .metrics import Snapshot, snapshot as metrics_snapshot
 from .resolver import Resolver, is_ip_literal
 from .pool import ADMIN_MAINT, Backend, Pools
 from .routing import RouteTable
-from .explain import explain, question_from_query
 from .proxy import ClientConn, OverLimitClient, ProxyContext
 from .reactor import Reactor
 from .settings import Settings
@@ -110,6 +109,8 @@ class Balancer:
         supervisor, over the control channel)."""
         if action.get("op") == "explain":
             # Read-only: GET /api/explain (here, or for the supervisor over the control channel).
+            # Imported on first use: the balancer's own modules stay what the data path needs.
+            from .explain import explain, question_from_query
             try:
                 question = question_from_query(str(action.get("query", "")))
             except ValueError as exc:
