@@ -29,6 +29,7 @@ SUBCOMMANDS = [
     ("demo", "a self-contained demo on 127.0.0.1"),
     ("zipapp [-o balrs.pyz]", "build balrs as one runnable file"),
     ('explain lb.ini "GET /path" [--host H] [--admin ADDR]', "why a request goes to the backend it goes to"),
+    ("simulate lb.ini TRACE [--strategy A,B]", "replay traffic through strategies on a virtual clock"),
 ]
 
 
@@ -129,6 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # `python -m balrs explain lb.ini "GET /path" ...`: the routes, pool, backends and pick (explain.py).
         from .explain import main as explain_main
         return explain_main(argv[1:])
+    if argv and argv[0] == "simulate":
+        # `python -m balrs simulate lb.ini TRACE [--strategy A,B,...]`: strategies on a virtual clock.
+        from .simulate import main as simulate_main
+        return simulate_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load(args.config)
