@@ -217,6 +217,8 @@ class TLSTransport(Transport):
 
     __slots__ = ("server_side", "client", "handshaking", "hs_deadline", "established")
 
+    can_splice = False  # the bytes on the socket are records, not the stream
+
     sock: Any  # an ssl.SSLSocket once wrapped (a plain socket while an outgoing TCP connect is under way)
 
     def __init__(self, reactor: Reactor, sock: socket.socket, protocol: Protocol, read_size: int = 65536,

@@ -20,12 +20,19 @@ the reactor thread (asyncio's transport/protocol split, without the futures):
 
 Writes try ``send`` first and only queue (and register for EVENT_WRITE) what the socket did not take;
 the queue is written with ``sendmsg`` (gather, up to ``MAX_IOV`` buffers per call). Nothing else in
-balrs registers stream sockets with the selector. A TLS transport will offer the same interface.
+balrs registers stream sockets with the selector. A TLS transport offers the same interface.
+
+On Linux (Python 3.10+) a plain transport can also take bytes straight from another socket:
+``splice_from(fd, n)`` moves them with ``splice(2)`` into a pipe of its own and on to its peer; what
+the peer does not take at once stays in the pipe as a ``Piped`` entry of the write queue (counted in
+``out_bytes``, written in order with the rest). The reading side stops reading with ``raw_reads(True)``
+and is told ``readable()`` instead. The bytes never enter Python.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections import deque
 from itertools import islice
@@ -34,10 +41,16 @@ from typing import Protocol as TypingProtocol
 
 from .reactor import EVENT_READ, EVENT_WRITE, IOCallback, Reactor
 
+try:
+    import fcntl
+except ImportError:  # not a Unix
+    fcntl = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from .timerwheel import Timer
 
-__all__ = ["Transport", "Protocol", "Chunk", "HIGH_WATER", "LOW_WATER", "MAX_IOV", "connect", "Connector", "Acceptor"]
+__all__ = ["Transport", "Protocol", "Chunk", "HIGH_WATER", "LOW_WATER", "MAX_IOV", "connect", "Connector", "Acceptor",
+           "SPLICE", "SPLICE_WAIT", "SPLICE_FULL", "SPLICE_OFF", "PIPE_SIZE", "Piped"]
 
 Chunk = Union[bytes, memoryview]
 
@@ -51,6 +64,55 @@ MAX_IOV = 64
 
 # timer_when while no timer is set.
 _NEVER = float("inf")
+
+# ---- splice (Linux, Python 3.10+): bytes from one socket to another through a pipe, never copied into
+# Python. A transport that takes spliced bytes keeps them as a ``Piped`` entry of its write queue, in
+# order with the rest.
+_splice = getattr(os, "splice", None)
+SPLICE = _splice is not None and hasattr(os, "pipe2")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+# The pipe's capacity, asked with F_SETPIPE_SZ (the kernel's default is 64 KiB; a user's pipes may hold
+# pipe-user-pages-soft pages in all, 64 MiB by default, past which the kernel gives the default).
+PIPE_SIZE = 262144
+# What splice_from returns besides a byte count (> 0) and 0 (the source's end of stream).
+SPLICE_WAIT = -1  # the source has nothing to read now
+SPLICE_FULL = -2  # the pipe is full: call again after the protocol's resume_writing
+SPLICE_OFF = -3   # this transport takes no spliced bytes now (closed for writing, or no pipe to be had)
+
+
+class _Pipe:
+    """A non-blocking pipe and how many bytes it holds."""
+
+    __slots__ = ("r", "w", "held", "size")
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.held = 0
+        size = 65536
+        setsz = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+        if setsz is not None:
+            try:
+                size = fcntl.fcntl(self.w, setsz, PIPE_SIZE)
+            except OSError:
+                pass
+        self.size = size
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+class Piped:
+    """``n`` bytes at the head of a transport's pipe, in its write queue: they go out with splice."""
+
+    __slots__ = ("pipe", "n")
+
+    def __init__(self, pipe: _Pipe, n: int) -> None:
+        self.pipe = pipe
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
 
 # connect_ex() results that mean "in progress" (EAGAIN: a Unix socket's backlog, or loopback under load).
 _CONNECT_PENDING = (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
@@ -70,6 +132,10 @@ class Protocol:
         pass
 
     def eof_received(self, reset: bool) -> None:
+        pass
+
+    def readable(self) -> None:
+        """The socket is readable while the transport's ``raw_reads`` is on (the protocol reads it)."""
         pass
 
     def connection_made(self) -> None:
@@ -107,14 +173,17 @@ class Transport:
 
     __slots__ = ("reactor", "sock", "fd", "protocol", "events", "out", "out_bytes", "read_size", "reading",
                  "connecting", "wr_closed", "closed", "broken", "last_write", "timer", "timer_when",
-                 "preamble", "_io", "_timer_cb", "__weakref__")
+                 "preamble", "_io", "_timer_cb", "_reader", "pipe", "pipe_keep", "__weakref__")
+
+    # Whether bytes can be spliced into or out of this transport's socket (not through TLS).
+    can_splice = SPLICE
 
     reactor: Reactor
     sock: socket.socket
     fd: int
     protocol: Protocol
     events: int
-    out: Deque[Chunk]
+    out: Deque[Any]  # Chunk, or Piped (bytes waiting in the pipe)
     out_bytes: int
     timer: Optional[Timer]
 
@@ -144,6 +213,11 @@ class Transport:
         # While connecting the selector calls _on_connect_io, then _on_io (no per-event test).
         self._io = self._on_connect_io if connecting else self._on_io
         self._timer_cb = self._on_timer
+        # What a read event calls: _on_read (recv, data_received), or _on_raw_read (the protocol reads
+        # the socket itself: it splices) while raw_reads(True).
+        self._reader: IOCallback = self._on_read
+        self.pipe: Optional[_Pipe] = None  # made by the first splice_from
+        self.pipe_keep = False  # a splice is under way: keep the pipe when it runs empty
         if connecting:
             self._set_events(EVENT_WRITE)
         elif reading:
@@ -170,7 +244,7 @@ class Transport:
         """What the reactor calls for ``events``: while only reading (most of a connection's life), the
         read path itself, without the write test of _on_io."""
         if events == EVENT_READ and not self.connecting:
-            return self._on_read
+            return self._reader
         return self._io
 
     def _on_io(self, mask: int) -> None:
@@ -181,7 +255,7 @@ class Transport:
             self.protocol.internal_error()
             return
         if mask & EVENT_READ and self.events & EVENT_READ:
-            self._on_read(mask)
+            self._reader(mask)
 
     def _on_read(self, mask: int) -> None:
         try:
@@ -198,6 +272,23 @@ class Transport:
                 self.protocol.eof_received(False)
         except Exception:
             self.protocol.internal_error()
+
+    def _on_raw_read(self, mask: int) -> None:
+        try:
+            self.protocol.readable()
+        except Exception:
+            self.protocol.internal_error()
+
+    def raw_reads(self, on: bool) -> None:
+        """While on, a read event calls the protocol's ``readable()`` and reads nothing: the protocol
+        takes the bytes itself (``splice_from`` on another transport)."""
+        reader = self._on_raw_read if on else self._on_read
+        if reader == self._reader:
+            return
+        self._reader = reader
+        events = self.events
+        if events and not self.connecting:
+            self.reactor.modify(self.fd, events, self._callback(events))
 
     # ---- connecting ----
     def _on_connect_io(self, mask: int) -> None:
@@ -346,14 +437,25 @@ class Transport:
         out = self.out
         sock = self.sock
         while out:
+            first = out[0]
+            if isinstance(first, Piped):
+                if not self._flush_piped(first):
+                    return
+                if out and out[0] is first:
+                    break  # the socket is full
+                continue
             try:
                 if len(out) == 1:
-                    want = len(out[0])
-                    n = sock.send(out[0])
+                    want = len(first)
+                    n = sock.send(first)
                 else:
                     bufs = list(islice(out, MAX_IOV))
+                    for i, b in enumerate(bufs):
+                        if isinstance(b, Piped):
+                            del bufs[i:]
+                            break
                     want = sum(len(b) for b in bufs)
-                    n = sock.sendmsg(bufs)
+                    n = sock.sendmsg(bufs) if len(bufs) > 1 else sock.send(bufs[0])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -378,6 +480,95 @@ class Transport:
         elif self.out_bytes < LOW_WATER:
             self.protocol.resume_writing()
 
+    def _flush_piped(self, piped: Piped) -> bool:
+        """Splice a queued ``Piped`` entry out (popped when it went whole). False after a failure."""
+        pipe = piped.pipe
+        try:
+            n: int = _splice(pipe.r, self.fd, piped.n, flags=_SPLICE_FLAGS)  # type: ignore[misc]
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as exc:
+            self._send_failed(exc)
+            return False
+        self.out_bytes -= n
+        pipe.held -= n
+        piped.n -= n
+        self.last_write = self.reactor.now
+        if not piped.n:
+            self.out.popleft()
+            if not pipe.held and not self.pipe_keep:
+                self._drop_pipe()
+        return True
+
+    # ---- splicing ----
+    def splice_from(self, src: int, limit: int) -> int:
+        """Move up to ``limit`` bytes from the socket ``src`` to this transport's peer through its pipe,
+        after anything queued: they never enter Python. Returns the bytes taken from ``src`` (> 0), 0 at
+        its end of stream, ``SPLICE_WAIT`` when it has nothing now, ``SPLICE_FULL`` when the pipe is full
+        (try again after ``resume_writing``), ``SPLICE_OFF`` when this transport takes no spliced bytes
+        now (read ``src`` as usual). Raises OSError for an error of ``src``. The caller says when it is
+        done with :meth:`splice_done`."""
+        if self.wr_closed or self.closed:
+            return SPLICE_OFF
+        pipe = self.pipe
+        if pipe is None:
+            try:
+                pipe = self.pipe = _Pipe()
+            except OSError:  # no file descriptor to spare (EMFILE): no splicing
+                return SPLICE_OFF
+        self.pipe_keep = True
+        room = pipe.size - pipe.held
+        if room <= 0:
+            return SPLICE_FULL
+        try:
+            n: int = _splice(src, pipe.w, limit if limit < room else room, flags=_SPLICE_FLAGS)  # type: ignore[misc]
+        except (BlockingIOError, InterruptedError):
+            return SPLICE_WAIT
+        if not n:
+            return 0
+        pipe.held += n
+        out = self.out
+        if self.out_bytes or self.connecting:
+            last = out[-1] if out else None
+            if isinstance(last, Piped):
+                last.n += n
+            else:
+                out.append(Piped(pipe, n))
+            self.out_bytes += n
+        else:
+            try:
+                m: int = _splice(pipe.r, self.fd, n, flags=_SPLICE_FLAGS)  # type: ignore[misc]
+            except (BlockingIOError, InterruptedError):
+                m = 0
+            except OSError as exc:
+                self._send_failed(exc)
+                return n
+            pipe.held -= m
+            left = n - m
+            if left:
+                out.append(Piped(pipe, left))
+                self.out_bytes = left
+                self._set_events(self.events | EVENT_WRITE)
+                self.last_write = self.reactor.now
+                self.protocol.write_queued()
+        if self.out_bytes > HIGH_WATER:
+            self.protocol.pause_writing()
+        return n
+
+    def splice_done(self) -> None:
+        """The body being spliced is all in: the pipe is closed once it has gone out (file descriptors
+        are not kept per idle connection)."""
+        self.pipe_keep = False
+        pipe = self.pipe
+        if pipe is not None and not pipe.held:
+            self._drop_pipe()
+
+    def _drop_pipe(self) -> None:
+        pipe = self.pipe
+        if pipe is not None:
+            self.pipe = None
+            pipe.close()
+
     def _send_failed(self, exc: OSError) -> None:
         """The peer cannot take more (EPIPE, ECONNRESET): drop the queue, stop writing, and tell the
         protocol from the loop."""
@@ -387,6 +578,7 @@ class Transport:
         self.wr_closed = True
         self.out.clear()
         self.out_bytes = 0
+        self._drop_pipe()  # what it holds will never go out
         events = self.events & ~EVENT_WRITE
         if not self.protocol.read_after_write_error:
             self.reading = False
@@ -434,6 +626,7 @@ class Transport:
             pass
         self.out.clear()
         self.out_bytes = 0
+        self._drop_pipe()
 
 
 def connect(reactor: Reactor, family: int, sockaddr: Tuple[Any, ...], protocol: Protocol,

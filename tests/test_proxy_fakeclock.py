@@ -19,9 +19,10 @@ import pytest
 
 from balrs.proxy import UPSTREAM_RECV_SIZE
 from balrs.proxy.client import C_BODY, C_CLOSED, C_HEAD, C_IDLE, C_LINGER, C_QUEUED, C_WAIT, LINGER_TIMEOUT
-from balrs.proxy.upstream import POOL_IDLE_TIMEOUT, U_BODY, U_CONNECTING, U_HEAD, U_IDLE
+from balrs.proxy.upstream import POOL_IDLE_TIMEOUT, U_BODY, U_CLOSED, U_CONNECTING, U_HEAD, U_IDLE
 from balrs.settings import CLIENT_RECV_SIZE
-from balrs.transport import HIGH_WATER
+import balrs.transport as transport_mod
+from balrs.transport import HIGH_WATER, SPLICE, Transport
 
 from proxyrig import CLOSE, RESET, Gate, Request, Rig, RigFactory, get, ok, send_buffer_max
 
@@ -676,8 +677,23 @@ def test_pipeline_over_the_limit_pauses_reading_and_resumes(make):
 
 
 # ==== backpressure ======================================================================================
-def test_a_client_that_does_not_read_pauses_the_upstream_and_memory_stays_bounded(make):
-    # More than the client-facing socket's send buffer can hold, so balrs must queue and pause.
+@pytest.mark.parametrize("splice", [False, True], ids=["recv-send", "splice"])
+def test_a_client_that_does_not_read_pauses_the_upstream_and_memory_stays_bounded(make, monkeypatch, splice):
+    # More than the client-facing socket's send buffer can hold, so balrs must queue and pause. With
+    # splice the body waits in the client transport's pipe (at most its size), never in Python.
+    if splice and not SPLICE:
+        pytest.skip("no os.splice here (Linux, Python 3.10+)")
+    spliced = [0]
+    if splice:
+        real = transport_mod._splice
+
+        def counting(*args, **kw):  # the real splice, counted
+            n = real(*args, **kw)
+            spliced[0] += n
+            return n
+        monkeypatch.setattr(transport_mod, "_splice", counting)
+    else:
+        monkeypatch.setattr(Transport, "can_splice", False)
     size = max(8 << 20, 2 * send_buffer_max()) // 256 * 256
     payload = bytes(range(256)) * (size // 256)
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
@@ -701,7 +717,11 @@ def test_a_client_that_does_not_read_pauses_the_upstream_and_memory_stays_bounde
         rig.turn(0.002)
         sample()
         assert not up.tr.reading
-    assert HIGH_WATER < most <= bound
+    if splice:
+        assert ctr.pipe is not None and 0 < most <= ctr.pipe.size and up.splicing
+        bound = ctr.pipe.size
+    else:
+        assert HIGH_WATER < most <= bound
     # Now the client reads: reading upstream resumes, every byte arrives, in order.
     resumed = False
     total = len(head) + size
@@ -715,6 +735,10 @@ def test_a_client_that_does_not_read_pauses_the_upstream_and_memory_stays_bounde
             pass
     assert resumed and most <= bound
     assert bytes(c.buf) == head + payload
+    if splice:
+        # Every body byte after the first read went through the pipe (in, then out: twice counted),
+        # and the pipe is closed once the body is out.
+        assert spliced[0] >= 2 * (size - UPSTREAM_RECV_SIZE) and ctr.pipe is None and not up.splicing
     rig.assert_quiet(c)
     assert counters(rig) == (0, 1, 0)
     assert rig.responses() == {200: 1}
@@ -938,3 +962,100 @@ def test_backend_failures_release_the_slot_once_and_count_one_failure(make, firs
         assert rig.responses() == {200: 1}
     rig.settle()
     assert counters(rig) == (0, 1, 1)
+
+
+# ==== splice: large Content-Length bodies backend -> pipe -> client ========================================
+needs_splice = pytest.mark.skipif(not SPLICE, reason="no os.splice here (Linux, Python 3.10+)")
+
+
+def big(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(256)) * (size // 256)
+
+
+@needs_splice
+def test_a_spliced_body_keeps_pipelined_responses_in_order_and_reuses_the_connection(make):
+    size = 2 << 20
+    bodies = {"/big": big(size), "/small": b"small one"}
+    be = make.backend(lambda req: [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(bodies[req.path]), bodies[req.path])])
+    rig = make.rig(be)
+    c = rig.connect(rcvbuf=65536)
+    # Pipelined: the small answer must wait for every byte of the big one (part of it in the pipe).
+    c.send(get("/big") + get("/small") + get("/big"))
+    first = rig.read_response(c)
+    assert first.status == 200 and first.body == bodies["/big"]
+    second = rig.read_response(c)
+    assert second.body == b"small one"
+    third = rig.read_response(c)
+    assert third.body == bodies["/big"]
+    rig.assert_quiet(c)
+    assert be.paths == ["/big", "/small", "/big"]
+    assert len(rig.idle_upstreams()) == 1, "the spliced connection went back to the pool"
+    assert counters(rig) == (0, 3, 0) and rig.responses() == {200: 3}
+    assert c.conn.tr.pipe is None, "the pipe outlived the body"
+    up = rig.idle_upstreams()[0]
+    assert not up.splicing and up.tr._reader == up.tr._on_read
+
+
+@needs_splice
+def test_a_backend_that_closes_in_the_middle_of_a_spliced_body(make):
+    size = 4 << 20
+    gate = Gate()
+    payload = big(size)
+    be = make.backend(lambda req: [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size,
+                                   payload[:size // 2], gate, CLOSE])
+    rig = make.rig(be)
+    c = rig.connect()
+    c.send(get("/big"))
+    rig.turn_until(lambda: rig.upstream_of(c) is not None and rig.upstream_of(c).splicing, what="splicing")
+    gate.set()
+    data = rig.read_until_closed(c)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"200 OK" in head and body == payload[:size // 2], "a truncated body is cut, never padded"
+    assert counters(rig) == (0, 1, 1), "the backend's failure is counted, its slot released"
+    assert c.conn.tr.pipe is None
+
+
+@needs_splice
+def test_a_client_that_leaves_during_a_spliced_body(make):
+    size = 8 << 20
+    be = make.backend(lambda req: [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size, big(size)])
+    rig = make.rig(be)
+    c = rig.connect(rcvbuf=65536)
+    c.send(get("/big"))
+    rig.turn_until(lambda: rig.upstream_of(c) is not None and rig.upstream_of(c).splicing, what="splicing")
+    up = rig.upstream_of(c)
+    c.close()
+    rig.turn_until(lambda: up.state == U_CLOSED and c.conn.state == C_CLOSED, what="both sides closed")
+    assert counters(rig) == (0, 1, 0)
+    assert c.conn.tr.pipe is None and rig.idle_upstreams() == []
+
+
+@needs_splice
+def test_chunked_and_small_bodies_are_not_spliced(make, monkeypatch):
+    from balrs.proxy.upstream import UpstreamConn
+    started = []
+    real = UpstreamConn._start_splicing
+
+    def counting(self):  # the real method, counted
+        started.append(self.ex.req.target if self.ex is not None and self.ex.req is not None else None)
+        real(self)
+    monkeypatch.setattr(UpstreamConn, "_start_splicing", counting)
+    size = 1 << 20
+    payload = big(size)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (65536, payload[i:i + 65536]) for i in range(0, size, 65536))
+    responses = {
+        "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked + b"0\r\n\r\n",
+        "/small": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100,
+        "/big": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (size, payload),
+    }
+    be = make.backend(lambda req: [responses[req.path]])
+    rig = make.rig(be)
+    c = rig.connect()
+    for path in ("/chunked", "/small", "/big"):
+        c.send(get(path))
+        r = rig.read_response(c)
+        assert r.status == 200 and len(r.body) == (100 if path == "/small" else size)
+    assert started == [b"/big"], "only the large Content-Length body is spliced"
+    from balrs.tls import TLSTransport
+    assert TLSTransport.can_splice is False

@@ -22,7 +22,7 @@ from ..http.heads import (
     CHUNKED, CLOSE_DELIMITED, LENGTH, NO_BODY, RESPONSE, HeadBuffer, ResponseHead,
     parse_response_head,
 )
-from ..transport import Chunk, Protocol, connect
+from ..transport import SPLICE_FULL, SPLICE_OFF, Chunk, Protocol, connect
 from ..limits import RETRY_STATUS
 from .exchange import (
     F_BROKEN, F_CONNECT_REFUSED, F_CONNECT_TIMEOUT, F_EMPTY, F_INTERNAL, F_STALE, F_TIMEOUT, Downstream, Exchange,
@@ -41,6 +41,9 @@ log = logging.getLogger("balrs")
 # malloc maps and unmaps fresh pages for every read (measured: ~30 us per recv instead of ~5), so reads
 # stay below its mmap threshold.
 UPSTREAM_RECV_SIZE = 65536
+# A Content-Length body with at least this much left after the response head's read is spliced
+# (backend -> pipe -> client in the kernel, Linux): below it, the recv/send pair costs no more.
+SPLICE_MIN = 65536
 # Idle pooled connections are closed after this long unused (nginx keepalive_timeout 60s; HAProxy
 # pool-purge-delay 5s). How many a backend keeps: connpool.POOL_MAX_IDLE.
 POOL_IDLE_TIMEOUT = 30.0
@@ -83,7 +86,7 @@ class UpstreamConn(Protocol):
     __slots__ = (
         "ctx", "settings", "tr", "backend", "ex", "down", "hbuf", "body", "keep", "reused", "got_bytes", "last_active",
         "connect_start", "head_request", "idle_since", "peer_eof", "sent_at", "read_full", "peek_poll",
-        "state", "__weakref__",
+        "state", "splicing", "__weakref__",
     )
 
     # A backend may answer early and close its reading side: keep reading what it sent.
@@ -114,6 +117,7 @@ class UpstreamConn(Protocol):
         self.peer_eof = False
         self.sent_at = now
         self.read_full = False   # the last recv() filled its buffer: more bytes may be waiting
+        self.splicing = False    # the body goes backend -> pipe -> client in the kernel (readable())
         self.state = U_CONNECTING
         self.tr = tr = connect(ctx.reactor, backend.family, backend.sockaddr, self, UPSTREAM_RECV_SIZE,
                                tls=backend.tls, preamble=preamble)
@@ -178,6 +182,8 @@ class UpstreamConn(Protocol):
         """Let go of the exchange (its backend slot frees)."""
         down = self.down
         ex = self.ex
+        if self.splicing:
+            self._stop_splicing()
         if ex is not None:
             self.ex = None
             self.down = None
@@ -301,6 +307,8 @@ class UpstreamConn(Protocol):
                 if left:
                     self.body = BodyRelay(LENGTH, LENGTH, left)
                     self._to(U_BODY)
+                    if left >= SPLICE_MIN and self.tr.can_splice and down.tr.can_splice:
+                        self._start_splicing()
                 else:
                     self._response_complete()
                 return
@@ -329,6 +337,57 @@ class UpstreamConn(Protocol):
         down.write_parts(parts)
         if body.done:
             self._response_complete()
+        elif (body.left >= SPLICE_MIN and framing == LENGTH and out_framing == LENGTH and self.tr.can_splice
+              and down.tr.can_splice):
+            self._start_splicing()
+
+    # ---- splicing: a large Content-Length body that nothing needs to see ---------------------------
+    def _start_splicing(self) -> None:
+        """From now on the body moves backend -> pipe -> client with splice(2), never copied into
+        Python (Linux; both sides plain TCP): the transport calls readable() instead of reading."""
+        self.splicing = True
+        self.tr.raw_reads(True)
+
+    def _stop_splicing(self) -> None:
+        self.splicing = False
+        self.tr.raw_reads(False)
+        down = self.down
+        if down is not None:
+            down.tr.splice_done()
+
+    def readable(self) -> None:
+        """The backend's socket is readable while splicing: move what it has (up to the body's end) to
+        the client's transport."""
+        down = self.down
+        body = self.body
+        ex = self.ex
+        if down is None or body is None or ex is None or self.state != U_BODY:
+            self._stop_splicing()
+            return
+        try:
+            n = down.tr.splice_from(self.tr.fd, body.left)
+        except OSError:  # the backend reset the connection
+            self._stop_splicing()
+            self.eof_received(True)
+            return
+        if n > 0:
+            self.last_active = self.ctx.reactor.now
+            ex.bytes_out += n
+            left = body.left = body.left - n
+            if not left:
+                body.done = True
+                # Exactly the body was taken: bytes past it, if the backend sent any, are still in the
+                # socket, where the idle pool's poll sees them before reuse.
+                self.read_full = False
+                self._stop_splicing()
+                self._response_complete()
+        elif n == 0:
+            self._stop_splicing()
+            self.eof_received(False)
+        elif n == SPLICE_FULL:
+            self.tr.pause_reading()  # the client's transport resumes us as it drains (resume_writing)
+        elif n == SPLICE_OFF:
+            self._stop_splicing()  # the client cannot take spliced bytes: read and write as usual
 
     def _bad_answer(self, ex: Exchange, down: Downstream, status: int) -> bool:
         """A 502, 503 or 504 from the backend. When the pool's retry_on lists it, it counts as a failure
