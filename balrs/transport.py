@@ -402,13 +402,18 @@ class Transport:
             left = len(data) - n
             if not left:
                 return
-            self.out.append(memoryview(data)[n:] if n else data)
-            self.out_bytes = left
-            self._set_events(self.events | EVENT_WRITE)
-            self.last_write = self.reactor.now
-            self.protocol.write_queued()
+            self._start_queue(memoryview(data)[n:] if n else data, left)
         if self.out_bytes > HIGH_WATER:
             self.protocol.pause_writing()
+
+    def _start_queue(self, rest: Any, left: int) -> None:
+        """A send left ``left`` bytes (``rest``, a Chunk or Piped) on an empty queue: queue them and
+        wait for the socket to be writable."""
+        self.out.append(rest)
+        self.out_bytes = left
+        self._set_events(self.events | EVENT_WRITE)
+        self.last_write = self.reactor.now
+        self.protocol.write_queued()
 
     def write_parts(self, parts: List[Chunk]) -> None:
         if len(parts) == 1:
@@ -546,11 +551,7 @@ class Transport:
             pipe.held -= m
             left = n - m
             if left:
-                out.append(Piped(pipe, left))
-                self.out_bytes = left
-                self._set_events(self.events | EVENT_WRITE)
-                self.last_write = self.reactor.now
-                self.protocol.write_queued()
+                self._start_queue(Piped(pipe, left), left)
         if self.out_bytes > HIGH_WATER:
             self.protocol.pause_writing()
         return n

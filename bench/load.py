@@ -44,6 +44,7 @@ SCENARIOS: Dict[str, Tuple[str, List[str], str]] = {
     "1m": ("/1m", [], "1 MiB responses, keep-alive"),
     "workers": ("/", [], "small response, keep-alive: balrs with workers = 1 and workers = 2, nothing pinned"),
     "strategies": ("/", [], "small response, keep-alive: balrs with every strategy (health bookkeeping on)"),
+    "alog": ("/", [], "small response, keep-alive: balrs without and with the json access log to a file"),
     # TLS termination (ECDSA P-256, the same certificate for both proxies; plain HTTP to the backends).
     "t1": ("/", [], "TLS: small response, keep-alive"),
     "t2": ("/", ["-H", "Connection: close"], "TLS: small response, a new TLS connection (full handshake) per request"),
@@ -56,6 +57,7 @@ STRATEGIES = ["round_robin", "least_connections", "weighted_least_connections", 
               "weighted_least_response_time", "power_of_two", "random", "ip_hash", "consistent_hash"]
 TARGETS = ["direct", "balrs", "haproxy"]
 WORKER_TARGETS = ["w1", "w2"]
+LOG_TARGETS = ["balrs", "log"]  # the alog scenario: balrs, then balrs with [log] access = FILE, format = json
 
 INSTALL_HINT = "install them with: apt-get install wrk haproxy nginx"
 
@@ -498,7 +500,7 @@ class Bench:
 
     def start_balrs(self, tag: str, workers: int = 1, cpu: Optional[int] = -1,
                     strategy: str = "round_robin", checkout: str = ROOT,
-                    tls: bool = False) -> Tuple[subprocess.Popen, int, str]:
+                    tls: bool = False, access_log: bool = False) -> Tuple[subprocess.Popen, int, str]:
         port = free_port()
         backends = "\n".join("[backend b%d]\naddress = 127.0.0.1:%d\n" % (i + 1, p)
                              for i, p in enumerate(self.backend_ports))
@@ -511,6 +513,8 @@ class Bench:
             f.write(BALRS_INI.format(port=port, backends=backends, workers=workers, strategy=strategy,
                                      routes=route_sections(self.args.routes if checkout == ROOT else 0),
                                      tls_flag=" tls" if tls else "", tls=tls_section))
+            if access_log:
+                f.write("\n[log]\naccess = %s\nformat = json\n" % os.path.join(self.tmp, "access-%s.log" % tag))
         log = os.path.join(self.tmp, "balrs-%s.log" % tag)
         # `python -m balrs` in the checkout's directory runs that tree's balrs.
         p = self.procs.start(pin(self.proxy_cpu if cpu == -1 else cpu, [sys.executable, "-m", "balrs", ini]),
@@ -546,6 +550,8 @@ class Bench:
             proc, port, log = self.start_balrs(scenario, tls=tls)
         elif target == "base":
             proc, port, log = self.start_balrs(scenario + "-base", checkout=self.args.baseline, tls=tls)
+        elif target == "log":
+            proc, port, log = self.start_balrs(scenario + "-log", access_log=True)
         elif target in STRATEGIES:
             proc, port, log = self.start_balrs(scenario + "-" + target, strategy=target)
         elif target in WORKER_TARGETS:
@@ -611,6 +617,7 @@ class Bench:
         for name in args.only:
             results[name] = {}
             targets = (WORKER_TARGETS if name == "workers" else STRATEGIES if name == "strategies"
+                       else LOG_TARGETS if name == "alog"
                        else [t for t in all_targets if t != "direct"] if name in TLS_SCENARIOS  # plain backends
                        else all_targets)
             for target in targets:
@@ -625,6 +632,7 @@ class Bench:
                 "base/haproxy": _ratio(results[name], "base", "haproxy"),
                 "balrs/base": _ratio(results[name], "balrs", "base"),
                 "w2/w1": _ratio(results[name], "w2", "w1"),
+                "log/balrs": _ratio(results[name], "log", "balrs"),
                 # HAProxy's CPU per request over balrs': the throughput ratio if each proxy had a core
                 # of its own and nothing else were the limit.
                 "cpu_efficiency": _cpu_ratio(results[name]),
@@ -696,7 +704,7 @@ def print_table(results: Dict[str, dict], has_haproxy: bool) -> str:
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(hdr))) + "|")
     for name, res in results.items():
-        if name in ("workers", "strategies"):
+        if name in ("workers", "strategies", "alog"):
             continue
         d, b, h = res.get("direct", {}), res.get("balrs", {}), res.get("haproxy", {})
         row = [name, _fmt(d.get("requests_per_s"), 0), _fmt(b.get("requests_per_s"), 0)]
@@ -740,6 +748,16 @@ def print_table(results: Dict[str, dict], has_haproxy: bool) -> str:
                     name, _fmt(res["base"].get("requests_per_s"), 0),
                     _fmt(res.get("balrs", {}).get("requests_per_s"), 0),
                     _fmt(r.get("balrs/base"), 2), _fmt(r.get("base/haproxy"), 2), _fmt(r.get("balrs/haproxy"), 2)))
+    al = results.get("alog")
+    if al:
+        lines.append("")
+        lines.append("| small, keep-alive | balrs req/s | with the json access log req/s | with / without | CPU us/req "
+                     "without / with |")
+        lines.append("|---|---:|---:|---:|---:|")
+        lines.append("| balrs | %s | %s | %s | %s / %s |" % (
+            _fmt(al.get("balrs", {}).get("requests_per_s"), 0), _fmt(al.get("log", {}).get("requests_per_s"), 0),
+            _fmt(al["ratios"].get("log/balrs"), 3), _fmt(al.get("balrs", {}).get("cpu_us_per_request")),
+            _fmt(al.get("log", {}).get("cpu_us_per_request"))))
     w = results.get("workers")
     if w:
         lines.append("")
@@ -758,7 +776,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="warm-up seconds before each measurement (default 2; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="3 s per scenario and target")
     ap.add_argument("--only", default=",".join(DEFAULT_SCENARIOS),
-                    help="comma-separated scenarios among %s (default: all but strategies)" % ", ".join(SCENARIOS))
+                    help="comma-separated scenarios among %s (default: %s)"
+                    % (", ".join(SCENARIOS), ",".join(DEFAULT_SCENARIOS)))
     ap.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     ap.add_argument("--backend", choices=["auto", "nginx", "python"], default="auto",
                     help="backend servers: nginx, or bench/pybackend.py (auto: nginx when installed)")
@@ -821,7 +840,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     problems = []
     for name, res in results.items():
-        for target in TARGETS + WORKER_TARGETS + STRATEGIES:
+        for target in TARGETS + WORKER_TARGETS + STRATEGIES + ["log"]:
             r = res.get(target)
             if r is None:
                 continue
