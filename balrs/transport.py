@@ -41,10 +41,6 @@ from typing import Protocol as TypingProtocol
 
 from .reactor import EVENT_READ, EVENT_WRITE, IOCallback, Reactor
 
-try:
-    import fcntl
-except ImportError:  # not a Unix
-    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .timerwheel import Timer
@@ -89,7 +85,8 @@ class _Pipe:
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.held = 0
         size = 65536
-        setsz = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+        import fcntl
+        setsz = getattr(fcntl, "F_SETPIPE_SZ", None)
         if setsz is not None:
             try:
                 size = fcntl.fcntl(self.w, setsz, PIPE_SIZE)
