@@ -39,6 +39,7 @@ from .http.paths import needs_normalising, normalise_target
 from .edge import real_client
 from .pool import ADMIN_DRAIN, ADMIN_MAINT, Backend, Chooser, Pool, Pools
 from .proxy.client import upstream_head
+from .pystrategy import check_strategies
 from .proxy.exchange import Exchange
 from .routing import ACT_POOL, ACT_REDIRECT, RouteTable, match_host
 from .settings import Settings
@@ -471,6 +472,8 @@ def main(argv: Sequence[str]) -> int:
     q = Question(method.upper(), target, args.host, headers, args.client_ip, args.cookie, args.scheme)
     try:
         config = load(args.config)
+        if not args.admin:
+            check_strategies(config)  # Python strategies, found next to the file as balrs finds them
     except ConfigError as exc:
         sys.stderr.write("%s\n" % exc)
         return 2

@@ -448,6 +448,7 @@ def run(*args: str) -> Tuple[int, str, str]:
 @pytest.mark.parametrize("config,request_line,host,expect", [
     ("examples/lb.ini", "GET /", None, ["pool default", "app1", "pick      app3"]),
     ("examples/routed.ini", "GET /api/users", "api.example.com", ["route     api", "GET /users HTTP/1.1"]),
+    ("examples/python-strategy.ini", "GET /", None, ['strategy view: {"class": "strategies:FastestTwo"}']),
 ])
 def test_cli_on_the_examples(config: str, request_line: str, host: Optional[str], expect: List[str]) -> None:
     args = [config, request_line] + (["--host", host] if host else [])
