@@ -72,7 +72,7 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK
 PIPE_SIZE = 262144
 # What splice_from returns besides a byte count (> 0) and 0 (the source's end of stream).
 SPLICE_WAIT = -1  # the source has nothing to read now
-SPLICE_FULL = -2  # the pipe is full: call again after the protocol's resume_writing
+SPLICE_FULL = -2  # the pipe is full (or may be): call again after the protocol's resume_writing
 SPLICE_OFF = -3   # this transport takes no spliced bytes now (closed for writing, or no pipe to be had)
 
 
@@ -525,7 +525,10 @@ class Transport:
         try:
             n: int = _splice(src, pipe.w, limit if limit < room else room, flags=_SPLICE_FLAGS)  # type: ignore[misc]
         except (BlockingIOError, InterruptedError):
-            return SPLICE_WAIT
+            # The source is empty, or the pipe has no free slot although it holds fewer bytes than its
+            # size (each slot is a page or less of what the socket had): with bytes in the pipe, wait
+            # for them to go out (the caller pauses), never spin on a readable source.
+            return SPLICE_FULL if pipe.held else SPLICE_WAIT
         if not n:
             return 0
         pipe.held += n
