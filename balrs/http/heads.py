@@ -82,6 +82,8 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 # A Content-Length needs at most 18 digits to stay below 2**63 (what nginx and HAProxy accept).
 _MAX_CONTENT_LENGTH_DIGITS = 18
+# A response's three status digits -> the status (1,000 small entries).
+_STATUS_CODES = {b"%03d" % i: i for i in range(1000)}
 
 # Head kinds, for HeadBuffer: what a start line looks like, and what a malformed head is answered with
 # (a client's malformed request is 400; a backend's malformed response is 502 for the client).
@@ -593,11 +595,12 @@ def parse_request_head(head: bytes) -> RequestHead:
     r.connection_tokens = []
     count = low.count
 
-    cl_values: List[bytes] = []
-    te_values: List[bytes] = []
-    upgrade_values: List[bytes] = []
-    expect_values: List[bytes] = []
-    conn_values: List[bytes] = []
+    # Lists only for the fields that are there (most requests have none of them).
+    cl_values: Optional[List[bytes]] = None
+    te_values: Optional[List[bytes]] = None
+    upgrade_values: Optional[List[bytes]] = None
+    expect_values: Optional[List[bytes]] = None
+    conn_values: Optional[List[bytes]] = None
     if host_v is not None:
         # RFC 9112 §3.2: exactly one Host (its value was validated by the match).
         if count(b"\nhost:") > 1:
@@ -735,7 +738,7 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
     major, minor_b, status_b, cl_v, conn_v, te_v, flag_t, flag_k, flag_p, flag_u = f.groups()
     if major != b"1":
         raise ProtocolError(502, "backend answered in HTTP version %s" % major.decode())
-    status = int(status_b)
+    status = _STATUS_CODES[status_b]  # three digits, by the match (a table: int() of bytes costs more)
     if status < 100:
         raise ProtocolError(502, "status code %d" % status)
     minor = 0 if minor_b == b"0" else 1
@@ -762,8 +765,8 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
         r.rewrite = True
     count = low.count
 
-    cl_values: List[bytes] = []
-    te_values: List[bytes] = []
+    cl_values: Optional[List[bytes]] = None
+    te_values: Optional[List[bytes]] = None
     if cl_v is not None:
         cl_values = [cl_v.rstrip(b" \t")] if count(b"\ncontent-length:") == 1 else _all_values(r, b"content-length")
     if te_v is not None:
@@ -773,7 +776,7 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
         r.has_connection = True
         values = [conn_v.rstrip(b" \t")] if count(b"\nconnection:") == 1 else [
             v.lower() for v in _all_values(r, b"connection")]
-        if values == [b"keep-alive"]:
+        if len(values) == 1 and values[0] == b"keep-alive":
             # What balrs says itself to a client it keeps: "replace it with the intermediary's own
             # control options" (RFC 9110 §7.6.1) needs no rewrite then.
             r.connection_tokens = values
@@ -813,8 +816,12 @@ def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead
         return r
     if cl_values:
         r.framing = LENGTH
-        r.length, canonical = _framing_length(cl_values, 502)
-        if not canonical:
+        v = cl_values[0]
+        if len(cl_values) == 1 and v.isdigit() and len(v) <= _MAX_CONTENT_LENGTH_DIGITS and (
+                v[0] != 48 or len(v) == 1):
+            r.length = int(v)  # _framing_length's canonical case, inlined (the common one)
+        else:
+            r.length = _content_length(cl_values, 502)
             r.rewrite = True
         return r
     # Step 8: read until the server closes.
