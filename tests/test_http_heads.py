@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 
 from balrs.http.errors import ProtocolError
 from balrs.http.heads import (
-    CHUNKED, LENGTH, NO_BODY, RESPONSE, HeadBuffer, RequestHead, parse_request_head, parse_response_head,
+    CHUNKED, LENGTH, NO_BODY, RESPONSE, HeadBuffer, RequestHead, ResponseHead, match_response_head,
+    parse_request_head, parse_response_head, response_from_match, simple_response,
 )
 from http_cases import (
     INVALID_REQUESTS, INVALID_RESPONSES, LIMIT, NEXT_REQUEST, RESPONSE_TRAILING, TRAILING, VALID_REQUESTS,
-    VALID_RESPONSES, Parsed, all_ways, chunkings, parse_request, parse_stream, request_summary,
+    VALID_RESPONSES, BadResp, Parsed, Resp, all_ways, chunkings, parse_request, parse_stream, request_summary,
     response_parser, response_summary, run_head_buffer,
 )
 
@@ -515,3 +516,75 @@ def test_fuzz_parsed_requests_are_sane(data):
         assert r.host is not None and r.lnames.count(b"host") == 1
     if r.upgrade is not None:
         assert b"upgrade" in r.connection_tokens and r.minor == 1
+
+
+# ---- the simple-response fast path agrees with the full parser -------------------------------------------
+def _full_or_error(head: bytes, head_request: bool) -> object:
+    try:
+        return parse_response_head(head, head_request)
+    except ProtocolError as exc:
+        return exc.status
+
+
+def _takes_fast_path(r: object) -> bool:
+    """What the proxy's fast path needs of a parsed head (proxy/upstream.py)."""
+    return (isinstance(r, ResponseHead) and r.framing == LENGTH and not r.rewrite and r.keep_alive
+            and r.minor == 1)
+
+
+def _check_simple(head: bytes, head_request: bool) -> None:
+    full = _full_or_error(head, head_request)
+    try:
+        m = match_response_head(head)
+    except ProtocolError as exc:
+        assert full == exc.status, head
+        return
+    simple = simple_response(m, head_request)
+    if simple is None:
+        # The full parser, from the same match, says the same as parsing from scratch.
+        try:
+            again: object = response_from_match(head, m, head_request)
+        except ProtocolError as exc:
+            again = exc.status
+        if isinstance(full, ResponseHead):
+            assert isinstance(again, ResponseHead) and response_summary(again) == response_summary(full), head
+            assert again.rewrite == full.rewrite
+            # Nothing the fast path could take is left to the slow one.
+            assert not _takes_fast_path(full), head
+        else:
+            assert again == full, head
+    else:
+        assert _takes_fast_path(full), head
+        assert isinstance(full, ResponseHead) and simple == (full.status, full.length), head
+
+
+@pytest.mark.parametrize("case", VALID_RESPONSES, ids=lambda c: c.id)
+def test_simple_response_agrees_on_the_cases(case: Resp) -> None:
+    raw = case.raw[2:] if case.raw.startswith(b"\r\n") else case.raw
+    _check_simple(raw, case.head_request)
+
+
+@pytest.mark.parametrize("case", INVALID_RESPONSES, ids=lambda c: c[0])
+def test_simple_response_refuses_what_the_parser_refuses(case: BadResp) -> None:
+    _check_simple(case[1], False)
+
+
+def test_simple_response_agrees_over_a_grid() -> None:
+    import itertools
+    fields = [b"Content-Length: 5\r\n", b"Content-Length: 05\r\n", b"Content-Length: 5 \r\n",
+              b"Content-length: 5\r\n", b"Transfer-Encoding: chunked\r\n", b"Connection: keep-alive\r\n",
+              b"Connection: Keep-Alive\r\n", b"Connection: close\r\n", b"Keep-Alive: timeout=5\r\n",
+              b"Proxy-Connection: x\r\n", b"Upgrade: h2c\r\n", b"Trailer: x\r\n", b"TE: trailers\r\n",
+              b"X-A: 1\r\n"]
+    seen_simple = 0
+    for status in (b"100", b"101", b"200", b"204", b"299", b"304", b"404", b"502", b"999"):
+        for version in (b"1.0", b"1.1", b"1.2"):
+            for n in (0, 1, 2):
+                for combo in itertools.combinations(fields, n):
+                    head = b"HTTP/" + version + b" " + status + b" X\r\n" + b"".join(combo) + b"\r\n"
+                    for head_request in (False, True):
+                        _check_simple(head, head_request)
+                        m = match_response_head(head) if _full_or_error(head, head_request) != 502 else None
+                        if m is not None and simple_response(m, head_request) is not None:
+                            seen_simple += 1
+    assert seen_simple > 20  # the grid does reach the fast path

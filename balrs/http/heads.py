@@ -21,14 +21,15 @@ times. ``tests/test_redos.py`` checks that with adversarial heads up to the size
 from __future__ import annotations
 
 import re
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .errors import ProtocolError
 
 __all__ = [
     "NO_BODY", "LENGTH", "CHUNKED", "CLOSE_DELIMITED",
     "HeadBuffer", "RequestHead", "ResponseHead", "REQUEST", "RESPONSE",
-    "parse_request_head", "parse_response_head",
+    "parse_request_head", "parse_response_head", "match_response_head", "simple_response", "response_from_match",
+    "ResponseMatch",
     "IDEMPOTENT_METHODS", "TCHARS", "cookie_value",
 ]
 
@@ -728,14 +729,58 @@ class ResponseHead(_Fields):
         return "<ResponseHead %d HTTP/1.%d>" % (self.status, self.minor)
 
 
+# What match_response_head gives: the head lowercased, and the groups of its match.
+ResponseMatch = Tuple[bytes, Tuple[Optional[bytes], ...]]
+
+
 def parse_response_head(head: bytes, head_request: bool = False) -> ResponseHead:
     """Parse a complete response head. ``head_request``: it answers a HEAD request (no body).
     Raises ProtocolError(502, ...) for anything a proxy must not pass on."""
+    return response_from_match(head, match_response_head(head), head_request)
+
+
+def match_response_head(head: bytes) -> ResponseMatch:
+    """The one pass over a response head that validates it (see the patterns above); raises
+    ProtocolError(502, ...) when it is malformed. Then :func:`simple_response` or
+    :func:`response_from_match` read the result."""
     low = head.lower()
     f = _RESPONSE_HEAD.fullmatch(low)
     if f is None or head[:5] != b"HTTP/":
         raise _head_problem(head, RESPONSE)
-    major, minor_b, status_b, cl_v, conn_v, te_v, flag_t, flag_k, flag_p, flag_u = f.groups()
+    return low, f.groups()
+
+
+def simple_response(m: ResponseMatch, head_request: bool) -> Optional[Tuple[int, int]]:
+    """(status, Content-Length) when the response is the common kind that goes to an HTTP/1.1
+    keep-alive client exactly as received: HTTP/1.1, a final status with a body (not 204 or 304, not
+    to HEAD), one canonical Content-Length, no Transfer-Encoding, no hop-by-hop field but at most
+    ``Connection: keep-alive``. None for anything else (:func:`response_from_match` then says what it
+    is, errors included). Such a response is what :func:`response_from_match` would make with
+    framing LENGTH, keep_alive true and rewrite false; the proxy's fast path needs no more of it."""
+    low, g = m
+    major, minor_b, status_b, cl_v, conn_v, te_v, flag_t, flag_k, flag_p, flag_u = g
+    if (cl_v is None or te_v is not None or minor_b != b"1" or major != b"1" or head_request
+            or flag_t is not None or flag_k is not None or flag_p is not None or flag_u is not None):
+        return None
+    status = _STATUS_CODES[status_b]  # type: ignore[index]
+    if status < 200 or status == 204 or status == 304:
+        return None
+    count = low.count
+    if conn_v is not None and (conn_v.rstrip(b" \t") != b"keep-alive" or count(b"\nconnection:") != 1):
+        return None
+    v = cl_v.rstrip(b" \t")
+    if (not v.isdigit() or len(v) > _MAX_CONTENT_LENGTH_DIGITS or (v[0] == 48 and len(v) > 1)
+            or count(b"\ncontent-length:") != 1):
+        return None
+    return status, int(v)
+
+
+def response_from_match(head: bytes, m: ResponseMatch, head_request: bool = False) -> ResponseHead:
+    """The parsed response head of ``head`` from its :func:`match_response_head`. Raises
+    ProtocolError(502, ...) for anything a proxy must not pass on."""
+    low, g = m
+    major, minor_b, status_b, cl_v, conn_v, te_v, flag_t, flag_k, flag_p, flag_u = g
+    assert major is not None and minor_b is not None and status_b is not None
     if major != b"1":
         raise ProtocolError(502, "backend answered in HTTP version %s" % major.decode())
     status = _STATUS_CODES[status_b]  # three digits, by the match (a table: int() of bytes costs more)

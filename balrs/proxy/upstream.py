@@ -19,8 +19,8 @@ from ..http.chunked import ChunkedDecoder
 from ..http.errors import ProtocolError
 from ..http.framing import BodyRelay
 from ..http.heads import (
-    CHUNKED, CLOSE_DELIMITED, LENGTH, NO_BODY, RESPONSE, HeadBuffer, ResponseHead,
-    parse_response_head,
+    CHUNKED, CLOSE_DELIMITED, LENGTH, NO_BODY, RESPONSE, HeadBuffer, ResponseHead, match_response_head,
+    response_from_match, simple_response,
 )
 from ..transport import SPLICE_FULL, SPLICE_OFF, Chunk, Protocol, connect
 from ..limits import RETRY_STATUS
@@ -258,18 +258,29 @@ class UpstreamConn(Protocol):
             self.close()
             return
         self.got_bytes = True
+        head_request = self.head_request
+        resp: Optional[ResponseHead]
         while True:
             try:
                 split = self.hbuf.split(data)
                 if split is None:
                     return
                 head, rest = split
-                resp = parse_response_head(head, self.head_request)
+                m = match_response_head(head)
+                simple = simple_response(m, head_request)
+                if simple is not None:
+                    # The common kind (HTTP/1.1, one Content-Length, nothing hop-by-hop): no
+                    # ResponseHead is made unless the fast path below cannot take it.
+                    status, length = simple
+                    resp = None
+                    break
+                resp = response_from_match(head, m, head_request)
             except ProtocolError as exc:
                 self._fail(F_BROKEN, str(exc))
                 return
             status = resp.status
             if status >= 200:
+                length = resp.length
                 break
             if status == 101:
                 req = ex.req
@@ -290,10 +301,10 @@ class UpstreamConn(Protocol):
                 return  # discarded: the request went to another backend
         elif backend.consecutive_errors:
             self.ctx.outliers.success(backend)
-        if not resp.keep_alive:
+        if resp is not None and not resp.keep_alive:
             self.keep = False
-        left = resp.length - len(rest)
-        if (resp.framing == LENGTH and not resp.rewrite and left >= 0 and ex.request_done
+        left = length - len(rest)
+        if ((resp is None or (resp.framing == LENGTH and not resp.rewrite)) and left >= 0 and ex.request_done
                 and not down.close_after and len(head) + len(rest) == len(data) and not self.ctx.draining):
             req = ex.req
             if req is not None and req.minor == 1 and ex.request_id is None and ex.edit is None:
@@ -312,6 +323,8 @@ class UpstreamConn(Protocol):
                 else:
                     self._response_complete()
                 return
+        if resp is None:
+            resp = response_from_match(head, m, head_request)  # a simple response the fast path could not take
         client_head, out_framing = down.response_head(resp)
         framing = resp.framing
         if framing == NO_BODY:
