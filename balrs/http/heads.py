@@ -596,12 +596,6 @@ def parse_request_head(head: bytes) -> RequestHead:
     r.connection_tokens = []
     count = low.count
 
-    # Lists only for the fields that are there (most requests have none of them).
-    cl_values: Optional[List[bytes]] = None
-    te_values: Optional[List[bytes]] = None
-    upgrade_values: Optional[List[bytes]] = None
-    expect_values: Optional[List[bytes]] = None
-    conn_values: Optional[List[bytes]] = None
     if host_v is not None:
         # RFC 9112 §3.2: exactly one Host (its value was validated by the match).
         if count(b"\nhost:") > 1:
@@ -612,6 +606,14 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise ProtocolError(400, "HTTP/1.1 request without Host")
     if r.target[0] != 47:  # not origin-form ("/...")
         _other_target_form(r)
+    if cl_v is None and te_v is None and conn_v is None and upgrade_v is None and expect_v is None:
+        return r  # no body, and nothing about the connection: most requests (framing NO_BODY, as set)
+    # Lists only for the fields that are there.
+    cl_values: Optional[List[bytes]] = None
+    te_values: Optional[List[bytes]] = None
+    upgrade_values: Optional[List[bytes]] = None
+    expect_values: Optional[List[bytes]] = None
+    conn_values: Optional[List[bytes]] = None
     if cl_v is not None:
         cl_values = [cl_v.rstrip(b" \t")] if count(b"\ncontent-length:") == 1 else _all_values(r, b"content-length")
     if te_v is not None:
