@@ -70,9 +70,12 @@ class EpollSelector:
         self.keys[fd] = (callback, events)
 
     def modify(self, fd: int, events: int, callback: IOCallback) -> None:
-        if fd not in self.keys:
+        old = self.keys.get(fd)
+        if old is None:
             raise KeyError("%d is not registered" % fd)
-        self._epoll.modify(fd, (_EPOLLIN if events & EVENT_READ else 0) | (_EPOLLOUT if events & EVENT_WRITE else 0))
+        if old[1] != events:  # a new callback alone is no business of the kernel's (selectors does the same)
+            self._epoll.modify(fd, (_EPOLLIN if events & EVENT_READ else 0)
+                               | (_EPOLLOUT if events & EVENT_WRITE else 0))
         self.keys[fd] = (callback, events)
 
     def unregister(self, fd: int) -> None:

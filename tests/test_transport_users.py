@@ -756,3 +756,46 @@ def test_channel_bug_in_on_message_closes_it_once(loop: Loop, pair: Tuple[socket
     assert loop.spin(lambda: closes)
     assert closes == [1] and ch.closed and ch.tr.closed
     assert theirs.recv(10) == b""
+
+
+def test_modify_with_the_same_mask_only_swaps_the_callback() -> None:
+    """raw_reads() (and any modify that keeps the mask) changes what the loop calls, not the kernel's
+    registration: no epoll_ctl for it."""
+    import select
+    reactor = Reactor()
+    sel = reactor.selector
+    if not hasattr(sel, "_epoll"):
+        pytest.skip("no epoll here")
+    a, b = socket.socketpair()
+    calls: List[Tuple[int, int]] = []
+
+    class Counting:
+        def __init__(self, ep: Any) -> None:
+            self.ep = ep
+
+        def modify(self, fd: int, mask: int) -> None:
+            calls.append((fd, mask))
+            self.ep.modify(fd, mask)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.ep, name)
+
+    real = sel._epoll
+    sel._epoll = Counting(real)
+    try:
+        got: List[str] = []
+        reactor.register(a.fileno(), EVENT_READ, lambda mask: got.append("first"))
+        reactor.modify(a.fileno(), EVENT_READ, lambda mask: got.append("second"))
+        assert calls == []
+        b.send(b"x")
+        for fd, _ev in real.poll(1.0):
+            sel.keys[fd][0](EVENT_READ)
+        assert got == ["second"]
+        reactor.modify(a.fileno(), EVENT_READ | EVENT_WRITE, lambda mask: None)
+        assert calls == [(a.fileno(), select.EPOLLIN | select.EPOLLOUT)]
+    finally:
+        sel._epoll = real
+        reactor.unregister(a.fileno())
+        a.close()
+        b.close()
+        reactor.close()
