@@ -41,7 +41,6 @@ from typing import Protocol as TypingProtocol
 
 from .reactor import EVENT_READ, EVENT_WRITE, IOCallback, Reactor
 
-
 if TYPE_CHECKING:
     from .timerwheel import Timer
 
@@ -438,9 +437,11 @@ class Transport:
     def _flush(self) -> None:
         out = self.out
         sock = self.sock
+        # Piped entries exist only while the transport has a pipe: without one, no test per entry.
+        piping = self.pipe is not None
         while out:
             first = out[0]
-            if isinstance(first, Piped):
+            if piping and isinstance(first, Piped):
                 if not self._flush_piped(first):
                     return
                 if out and out[0] is first:
@@ -452,10 +453,11 @@ class Transport:
                     n = sock.send(first)
                 else:
                     bufs = list(islice(out, MAX_IOV))
-                    for i, b in enumerate(bufs):
-                        if isinstance(b, Piped):
-                            del bufs[i:]
-                            break
+                    if piping:
+                        for i, b in enumerate(bufs):
+                            if isinstance(b, Piped):
+                                del bufs[i:]  # gather only up to the bytes waiting in the pipe
+                                break
                     want = sum(len(b) for b in bufs)
                     n = sock.sendmsg(bufs) if len(bufs) > 1 else sock.send(bufs[0])
             except (BlockingIOError, InterruptedError):
