@@ -85,6 +85,17 @@ class Question:
         return urllib.parse.urlencode(items)
 
 
+def _headers(items: Sequence[str]) -> List[Tuple[str, str]]:
+    """``NAME:VALUE`` strings as (name, value); ValueError names the first that is not one."""
+    out = []
+    for h in items:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            raise ValueError("header %r: expected NAME:VALUE" % h)
+        out.append((name.strip(), value.strip()))
+    return out
+
+
 def question_from_query(query: str) -> Question:
     """The question of ``GET /api/explain?method=GET&target=/x&host=...&header=K:V&client_ip=...``.
     Raises ValueError with a message."""
@@ -96,12 +107,7 @@ def question_from_query(query: str) -> Question:
 
     request = one("request")
     method, target = (request.split(" ", 1) + ["/"])[:2] if request else (one("method", "GET"), one("target", "/"))
-    headers = []
-    for h in q.get("header", []):
-        name, sep, value = h.partition(":")
-        if not sep or not name.strip():
-            raise ValueError("header %r: expected NAME:VALUE" % h)
-        headers.append((name.strip(), value.strip()))
+    headers = _headers(q.get("header", []))
     return Question(method or "GET", target or "/", one("host"), headers, one("client_ip", "127.0.0.1") or "127.0.0.1",
                     one("cookie"), one("scheme"))
 
@@ -462,13 +468,11 @@ def main(argv: Sequence[str]) -> int:
     if not method or " " in target or not target.startswith(("/", "http://", "https://", "*")):
         sys.stderr.write('balrs explain: %r: expected "METHOD /path"\n' % args.request)
         return 2
-    headers = []
-    for h in args.header:
-        name, sep, value = h.partition(":")
-        if not sep or not name.strip():
-            sys.stderr.write("balrs explain: --header %r: expected NAME:VALUE\n" % h)
-            return 2
-        headers.append((name.strip(), value.strip()))
+    try:
+        headers = _headers(args.header)
+    except ValueError as exc:
+        sys.stderr.write("balrs explain: --%s\n" % exc)
+        return 2
     q = Question(method.upper(), target, args.host, headers, args.client_ip, args.cookie, args.scheme)
     try:
         config = load(args.config)
