@@ -12,11 +12,8 @@ the difference per connection in KiB. Every socket is on 127.0.0.x; everything s
 from __future__ import annotations
 
 import argparse
-import os
 import selectors
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,14 +25,11 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import callgrind  # noqa: E402  (its threaded keep-alive backends and helpers)
+import load  # noqa: E402  (process groups, /proc reading)
 
 
 def rss_kib(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return load.read_status_kib(pid, "VmRSS") or 0
 
 
 def open_idle(port: int, n: int, timeout: float = 120.0) -> List[socket.socket]:
@@ -90,8 +84,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ini = work / "lb.ini"
     ini.write_text("[balancer]\nlisten = 127.0.0.1:%d\nclient_timeout = 600s\nmax_connections = %d\n\n"
                    "[backend b1]\naddress = 127.0.0.1:%d\n" % (port, args.connections + 100, backends.ports[0]))
-    proc = subprocess.Popen([sys.executable, "-m", "balrs", "--log-level", "warning", str(ini)],
-                            cwd=str(args.checkout), stdout=subprocess.DEVNULL)
+    procs = load.Procs()
+    proc = procs.start([sys.executable, "-m", "balrs", "--log-level", "warning", str(ini)], str(work / "balrs.log"),
+                       cwd=str(args.checkout))
     socks: List[socket.socket] = []
     try:
         deadline = time.monotonic() + 20
@@ -117,13 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         for s in socks:
             s.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        procs.stop_all()
         backends.stop()
 
 
