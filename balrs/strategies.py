@@ -465,7 +465,8 @@ class LeastResponseTime(_Rotating):
     weighted = False
 
     def score(self, b: Backend) -> object:
-        """The expected wait ``_best`` compares, in seconds ("unmeasured" before a first sample)."""
+        """The expected wait ``_best`` compares, in seconds ("unmeasured" before a first sample): the
+        same arithmetic, which ``_best`` keeps inline (a call per candidate would cost every pick)."""
         e = b.ewma
         if e < 0.0:
             return "unmeasured, %d in flight" % b.active
