@@ -196,12 +196,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="with N [route] sections; the request matches the last one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a [balancer] key, e.g. --set client_rate=1000000 (repeatable)")
+    p.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                   help="leave the two callgrind outputs in DIR (for callgrind_annotate --diff)")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         sys.stderr.write("valgrind is not installed (apt-get install valgrind)\n")
         return 2
     with tempfile.TemporaryDirectory(prefix="balrs-callgrind-") as tmp:
         work = Path(tmp)
+        if args.keep is not None:
+            work = args.keep.resolve()
+            work.mkdir(parents=True, exist_ok=True)
         a = run_once(args.checkout.resolve(), args.requests, args.connections, args.strategy, work, args.concurrent,
                      args.access_log, args.routes, args.set)
         b = run_once(args.checkout.resolve(), 2 * args.requests, args.connections, args.strategy, work,
