@@ -13,11 +13,12 @@
 Nothing here runs at import; the writer thread starts on a sink's first write, so a sink made in a
 worker after ``os.fork()`` gets its own thread (and one inherited across a fork is reset in the child).
 
-Cost, on the loop thread (callgrind, CPython 3.11, a browser-like request): a json line ~23 000
-instructions, combined ~11 000, common ~9 000, ``LogSink.write`` ~2 000 (and ~700 more on the writer
-thread). In CPython every field costs a few hundred instructions and a float conversion about a
-thousand, so the formatters check all client octets with one ``bytes.translate``, cache what repeats
-(time strings per second, client addresses, the outcome part), and avoid Python-level calls per field.
+Cost, on the loop thread (callgrind, CPython 3.11): a json line ~18 500 instructions for wrk's request
+and ~25 000 for a browser-like one, combined ~11 000, common ~9 000, ``LogSink.write`` ~2 000 (the
+writer thread's work is per batch, not per line). In CPython every field costs a few hundred
+instructions and a float conversion about a thousand, so the formatters check all client octets with
+one ``bytes.translate``, cache what repeats (time strings per second, the json time part per
+millisecond, client addresses, the outcome part), and avoid Python-level calls per field.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ CLOSE_TIMEOUT = 1.0
 # recent seconds are hit), and client addresses and (pool, backend, route, retries, end) outcomes whose
 # encoded form is kept (a cache that fills is emptied: a miss only costs the encoding).
 TIME_CACHE_SECONDS = 16
+# The json line's time part is kept for this many milliseconds (as for seconds, a few recent ones).
+STAMP_CACHE_SIZE = 64
 NAME_CACHE_SIZE = 4096
 # RateLimitFilter: distinct messages tracked (least recently seen forgotten first).
 RATE_LIMIT_KEYS = 1024
@@ -158,14 +161,14 @@ def _as_bytes(value: Any) -> Optional[bytes]:
 
 def _agent_referer(req: Any) -> Tuple[Optional[bytes], Optional[bytes]]:
     """User-Agent and Referer of a parsed request head (the first of each; None when absent), found by
-    substring search of its lowercased copy (as RequestHead.find_field does, without its calls)."""
+    substring search of its lowercased copy (as RequestHead.find_field does, without its calls). A field
+    name only ever follows a LF there: the parser takes no bare LF, and no value holds one. (find, not
+    ``in``: bytes.__contains__ first tries its argument as an int, and that failure costs more.)"""
     low = req.low
-    raw = req.raw
-    start = req.fields_start - 2
-    i = low.find(b"\r\nuser-agent:", start)
-    agent = None if i < 0 else raw[i + 13:low.index(b"\r\n", i + 13)].strip(b" \t")
-    i = low.find(b"\r\nreferer:", start)
-    referer = None if i < 0 else raw[i + 10:low.index(b"\r\n", i + 10)].strip(b" \t")
+    i = low.find(b"\nuser-agent:")
+    agent = None if i < 0 else req.raw[i + 12:low.index(b"\r", i + 12)].strip(b" \t")
+    i = low.find(b"\nreferer:")
+    referer = None if i < 0 else req.raw[i + 9:low.index(b"\r", i + 9)].strip(b" \t")
     return agent, referer
 
 
@@ -295,10 +298,11 @@ def _clf_formatter(combined: bool) -> Callable[[Any], bytes]:
     return line
 
 
-# The json line. Four values are often absent: a variant of the line per combination prints null for
-# them and swallows the argument with %.0s, so that no present value needs quotes added.
+# The json line, after its time part ('{"time":"...","ts":...', made once per millisecond). Four values
+# are often absent: a variant of the line per combination prints null for them and swallows the argument
+# with %.0s, so that no present value needs quotes added.
 _JSON_LINE = (
-    b'%s%s%s%s,"client":"%s","method":"%s","protocol":%s,"host":"%s","user_agent":"%s","path":"%s",'
+    b'%s,"client":"%s","method":"%s","protocol":%s,"host":"%s","user_agent":"%s","path":"%s",'
     b'"status":%s,"bytes_in":%d,"bytes_out":%d,"duration_ms":%.3f,"connect_ms":%.3f,"upstream_ms":%.3f,%s,'
     b'"request_id":"%s","referer":"%s"}\n'
 )
@@ -328,11 +332,26 @@ def _json_outcome(key: Tuple[Any, ...]) -> bytes:
         _json_text(pool), _json_text(backend), _json_text(route), retries, _json_text(end))
 
 
+_PROTOCOL_OF_MINOR = (b'"HTTP/1.0"', b'"HTTP/1.1"')
+
+
 def _json_formatter() -> Callable[[Any], bytes]:
-    times, new_time = _per_second(_json_time)
+    seconds, new_second = _per_second(_json_time)
+    # The whole time part ('{"time":"...","ts":...') by millisecond: at any rate where the log's cost
+    # matters, many lines share one.
+    stamps: Dict[int, bytes] = {}
     clients: Dict[Any, bytes] = {}
     # (pool, backend, route, retries, end) takes few values: that part of the line is made once each.
     outcomes: Dict[Tuple[Any, ...], bytes] = {}
+
+    def new_stamp(msec: int) -> bytes:
+        sec = msec // 1000
+        head = seconds.get(sec) or new_second(sec)
+        ms = _FRAC3[msec - sec * 1000]
+        if len(stamps) >= STAMP_CACHE_SIZE:
+            stamps.clear()
+        stamps[msec] = part = head[0] + ms + head[1] + ms
+        return part
 
     def new_client(client: Any) -> bytes:
         _bounded(clients)[client] = part = _json_client(client)
@@ -349,33 +368,19 @@ def _json_formatter() -> Callable[[Any], bytes]:
         _bounded(outcomes)[key] = part = outcomes.get(names) or new_outcome(names)
         return part
 
-    def line(r: Any) -> bytes:
+    def record_line(r: Any) -> bytes:
+        """The line of any record (RECORD_FIELDS): a refused request, an exchange off the fast path."""
         msec = _floor(r.wall_start * 1000.0)
-        sec = msec // 1000
-        head = times.get(sec) or new_time(sec)
-        ms = _FRAC3[msec - sec * 1000]
+        stamp = stamps.get(msec) or new_stamp(msec)
         client = clients.get(r.client) or new_client(r.client)
-        req = r.req
-        if req is not None:
-            # An exchange with its parsed head (EXCHANGE_FIELDS): read from it directly, without a
-            # property call per field (they were half the cost of a line).
-            failed = r.failed
-            key = (r.be, r.pool_ref, r.route_ref, failed.retries if failed is not None else 0, r.end)
-            outcome = outcomes.get(key) or new_exchange_outcome(key)
-            method = req.method
-            target = req.target
-            host = req.host
-            minor = req.minor
-            agent, referer = _agent_referer(req)
-        else:
-            key = (r.pool, r.backend, r.route, r.retries, r.end)
-            outcome = outcomes.get(key) or new_outcome(key)
-            method = r.method
-            target = r.target
-            host = r.host
-            minor = r.minor
-            agent = r.user_agent
-            referer = r.referer
+        key = (r.pool, r.backend, r.route, r.retries, r.end)
+        outcome = outcomes.get(key) or new_outcome(key)
+        method = r.method
+        target = r.target
+        host = r.host
+        minor = r.minor
+        agent = r.user_agent
+        referer = r.referer
         rid = r.request_id
         if rid is not None and rid.__class__ is not bytes:
             rid = _as_bytes(rid)
@@ -390,7 +395,7 @@ def _json_formatter() -> Callable[[Any], bytes]:
         t_response = r.t_response
         absent = (host is None) + 2 * (agent is None) + 4 * (rid is None) + 8 * (referer is None)
         out = _JSON_LINES[absent] % (
-            head[0], ms, head[1], ms, client, method, _PROTOCOLS.get(minor) or b'"HTTP/1.%d"' % minor,
+            stamp, client, method, _PROTOCOLS.get(minor) or b'"HTTP/1.%d"' % minor,
             host or b"", agent or b"", target, _DEC[r.status], r.bytes_in, r.bytes_out,
             (t_done - t_start) * 1000.0 if t_done > t_start else 0.0,
             (t_connected - t_start) * 1000.0 if t_connected else _NAN,
@@ -402,6 +407,44 @@ def _json_formatter() -> Callable[[Any], bytes]:
             out = out.replace(b'"connect_ms":nan', b'"connect_ms":null').replace(
                 b'"upstream_ms":nan', b'"upstream_ms":null')
         return out
+
+    def line(r: Any) -> bytes:
+        """An exchange with its parsed head (EXCHANGE_FIELDS), answered by a backend: its fields read
+        directly, without a property call each (those were half the cost of a line); anything else
+        takes record_line."""
+        req = r.req
+        t_connected = r.t_connected
+        t_response = r.t_response
+        if req is None or not t_response or not t_connected:
+            return record_line(r)
+        host = req.host
+        target = req.target
+        # _agent_referer's work, inline (the call costs as much as ~4% of the line)
+        low = req.low
+        i = low.find(b"\nuser-agent:")
+        agent = None if i < 0 else req.raw[i + 12:low.index(b"\r", i + 12)].strip(b" \t")
+        i = low.find(b"\nreferer:")
+        referer = None if i < 0 else req.raw[i + 9:low.index(b"\r", i + 9)].strip(b" \t")
+        # The method is a token and a request id valid or made here: plain; the rest is checked.
+        wire = target + host if agent is None and referer is None and host is not None else b"".join(
+            (target, host or b"", agent or b"", referer or b""))
+        if host is None or wire.translate(_CLEAN) is not wire:
+            return record_line(r)
+        msec = _floor(r.wall_start * 1000.0)
+        stamp = stamps.get(msec) or new_stamp(msec)
+        client = clients.get(r.client) or new_client(r.client)
+        failed = r.failed
+        key = (r.be, r.pool_ref, r.route_ref, failed.retries if failed is not None else 0, r.end)
+        rid = r.request_id
+        t_start = r.t_start
+        t_done = r.t_done
+        return _JSON_LINES[2 * (agent is None) + 4 * (rid is None) + 8 * (referer is None)] % (
+            stamp, client, req.method, _PROTOCOL_OF_MINOR[req.minor], host, agent or b"", target,
+            _DEC[r.status], r.bytes_in, r.bytes_out,
+            (t_done - t_start) * 1000.0 if t_done > t_start else 0.0,
+            (t_connected - t_start) * 1000.0, (t_response - t_connected) * 1000.0,
+            outcomes.get(key) or new_exchange_outcome(key), rid or b"", referer or b"",
+        )
 
     return line
 
@@ -428,21 +471,20 @@ def _track_fork(obj: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the sink
-# Queued by reopen() in the buffer's order (a line of its own, never written; found by identity).
-_REOPEN = bytes(bytearray(b"<reopen>"))
-
-
 class LogSink:
     """One access log destination: ``"stderr"``, ``"stdout"`` or a file path (opened for appending).
 
     The loop thread calls :meth:`write`, :meth:`reopen`, :meth:`flush` and :meth:`close`; one writer
-    thread does every os.write. They share a deque and two byte counters, each written by one side
-    only (``_queued`` by the loop, ``_written`` by the writer), so ``write`` takes no lock.
+    thread does every os.write. Lines are appended to one bytearray, which only the loop thread
+    appends to and only the writer takes from (a copy of its front, then ``del`` of that front: each one
+    C call under the GIL, so a line appended meanwhile stays behind, whole). ``write`` therefore takes
+    no lock and costs an append; the writer's work is per batch, never per line. A lock orders the
+    writer's takes with flush() and reopen(), which need a position in the stream.
     """
 
     __slots__ = ("target", "max_buffer", "path", "_fd", "_batch_limit", "_limit", "_closed", "_failing",
-                 "_lines", "_queued", "_written", "_dropped_full", "_dropped_io", "_thread", "_idle", "_wake",
-                 "_drained", "__weakref__")
+                 "_buf", "_lock", "_taken", "_done", "_inflight", "_reopens", "_dropped_full", "_dropped_io",
+                 "_thread", "_idle", "_wake", "_drained", "_flushing", "__weakref__")
 
     def __init__(self, target: str, max_buffer: int = MAX_BUFFER_BYTES) -> None:
         self.target = target
@@ -463,15 +505,21 @@ class LogSink:
         _track_fork(self)
 
     def _reset(self) -> None:
-        self._lines: Deque[bytes] = collections.deque()
-        self._queued = 0     # bytes appended by write(); the loop thread's
-        self._written = 0    # bytes taken out of the deque (written or dropped); the writer's
+        self._buf = bytearray()  # lines not yet taken by the writer
+        self._lock = threading.Lock()
+        # Positions in the stream of bytes ever written to the buffer (under _lock): taken by the writer,
+        # and done (written, or dropped on an error); reopen() marks where the file changes.
+        self._taken = 0
+        self._done = 0
+        self._inflight = 0  # bytes of the batch being written (the writer's)
+        self._reopens: Deque[int] = collections.deque()
         self._dropped_full = 0  # the loop thread's
         self._dropped_io = 0    # the writer's
         self._thread: Optional[threading.Thread] = None
         self._idle = True     # the writer waits (or is not started): write() must wake it
         self._wake = threading.Event()
         self._drained = threading.Event()
+        self._flushing = False  # flush() waits: the writer sets _drained when it has nothing left
 
     def _after_fork(self) -> None:
         self._reset()
@@ -483,17 +531,16 @@ class LogSink:
 
     @property
     def buffered(self) -> int:
-        """Bytes waiting to be written."""
-        return self._queued - self._written
+        """Bytes waiting to be written (the batch being written included)."""
+        return len(self._buf) + self._inflight
 
     def write(self, line: bytes) -> None:
         """Queue one line (with its b"\\n"); drop it when the buffer is full. Never blocks."""
-        queued = self._queued + len(line)
-        if queued - self._written > self._limit:
+        buf = self._buf
+        if len(buf) + len(line) + self._inflight > self._limit:  # max_buffer holds the batch being written too
             self._dropped_full += 1
             return
-        self._queued = queued
-        self._lines.append(line)
+        buf += line
         if self._idle:
             self._idle = False
             self._kick()
@@ -503,7 +550,8 @@ class LogSink:
         it reaches this point of the buffer: lines queued before go to the old file, later ones to the new."""
         if self.path is None or self._closed:
             return
-        self._lines.append(_REOPEN)
+        with self._lock:
+            self._reopens.append(self._taken + len(self._buf))
         if self._idle:
             self._idle = False
             self._kick()
@@ -511,18 +559,23 @@ class LogSink:
     def flush(self, timeout: float = 1.0) -> bool:
         """Wait up to ``timeout`` seconds until every line queued so far is written (or dropped).
         Returns whether that happened."""
-        target = self._queued
+        with self._lock:
+            target = self._taken + len(self._buf)
         deadline = time.monotonic() + timeout
-        while self._written < target:
-            remaining = deadline - time.monotonic()
-            thread = self._thread
-            if remaining <= 0 or thread is None or not thread.is_alive():
-                return self._written >= target
-            self._drained.clear()
-            if self._written >= target:
-                break
-            self._kick()
-            self._drained.wait(remaining)
+        try:
+            while self._done < target:
+                remaining = deadline - time.monotonic()
+                thread = self._thread
+                if remaining <= 0 or thread is None or not thread.is_alive():
+                    return self._done >= target
+                self._drained.clear()
+                self._flushing = True
+                if self._done >= target:
+                    break
+                self._kick()
+                self._drained.wait(min(remaining, WRITER_GATHER))
+        finally:
+            self._flushing = False
         return True
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
@@ -556,44 +609,58 @@ class LogSink:
 
     # ---- writer thread ----
     def _run(self) -> None:
-        lines = self._lines
+        buf = self._buf
+        reopens = self._reopens
         wake = self._wake
         while True:
-            if lines:
-                if lines[0] is _REOPEN:
-                    lines.popleft()
-                    self._do_reopen()
-                else:
-                    self._write_batch(lines)
+            if buf or reopens:
+                self._write_batch()
                 continue
-            self._drained.set()
+            if self._flushing:
+                self._drained.set()
             if self._closed:
                 break
             # Let lines gather before going idle: under traffic the writer then takes one batch per
             # WRITER_GATHER and the loop never has to wake it (an Event.set per line would cost more
             # than formatting the line).
             time.sleep(WRITER_GATHER)
-            if lines:
+            if buf or reopens:
                 continue
             wake.clear()
             self._idle = True
             # write() may have appended after the check above and seen the writer busy: look again.
-            if lines or self._closed:
+            if buf or reopens or self._closed or self._flushing:
                 self._idle = False
                 continue
             wake.wait(WRITER_IDLE_WAIT)
             self._idle = False
         self._close_fd()
 
-    def _write_batch(self, lines: Deque[bytes]) -> None:
-        limit = self._batch_limit
-        batch: List[bytes] = [lines.popleft()]
-        size = len(batch[0])
-        while lines and size + len(lines[0]) <= limit and lines[0] is not _REOPEN:
-            line = lines.popleft()
-            batch.append(line)
-            size += len(line)
-        data = b"".join(batch) if len(batch) > 1 else batch[0]
+    def _take(self) -> bytes:
+        """The next batch from the front of the buffer: whole lines, at most _batch_limit bytes (a longer
+        line alone), and never past a reopen; a reopen that is due is done first."""
+        buf = self._buf
+        with self._lock:
+            reopens = self._reopens
+            while reopens and reopens[0] <= self._taken:
+                reopens.popleft()
+                self._do_reopen()
+            end = len(buf)
+            if reopens:
+                end = min(end, reopens[0] - self._taken)
+            limit = self._batch_limit
+            if end > limit:
+                cut = buf.rfind(b"\n", 0, limit) + 1
+                end = cut or buf.find(b"\n", 0, end) + 1 or end
+            data = bytes(buf[:end])
+            del buf[:end]
+            self._taken += end
+            self._inflight = end
+        return data
+
+    def _write_batch(self) -> None:
+        data = self._take()
+        size = len(data)
         done = 0
         try:
             while done < size:
@@ -611,7 +678,7 @@ class LogSink:
                 done += n
         except (OSError, ValueError) as exc:
             # ENOSPC, EBADF, EPIPE, EIO...: the lines not wholly written are lost, and counted.
-            self._dropped_io += _lines_not_written(batch, done)
+            self._dropped_io += _lines_not_written(data, done)
             if self._failing is None:
                 self._failing = getattr(exc, "strerror", None) or str(exc)
                 log.warning("access log %s: %s; dropping lines until it works again", self.target, self._failing)
@@ -619,7 +686,8 @@ class LogSink:
             if self._failing is not None:
                 self._failing = None
                 log.info("access log %s: writing again (%d lines dropped so far)", self.target, self.dropped)
-        self._written += size
+        self._inflight = 0
+        self._done += size
 
     def _do_reopen(self) -> None:
         try:
@@ -664,14 +732,11 @@ def _writable(fd: int, timeout: float) -> bool:
     return bool(poller.poll(timeout * 1000.0))
 
 
-def _lines_not_written(batch: List[bytes], done: int) -> int:
-    """How many lines of ``batch`` did not get out whole when ``done`` bytes were written."""
-    end = 0
-    for i, line in enumerate(batch):
-        end += len(line)
-        if end > done:
-            return len(batch) - i
-    return 0
+def _lines_not_written(data: bytes, done: int) -> int:
+    """How many lines of the batch ``data`` did not get out whole when ``done`` bytes were written (a
+    line ends with its b"\\n"; an unterminated tail counts as one)."""
+    rest = data[data.rfind(b"\n", 0, done) + 1:] if done else data
+    return rest.count(b"\n") + (1 if rest and not rest.endswith(b"\n") else 0)
 
 
 # ---------------------------------------------------------------------------------------------- event log

@@ -765,8 +765,15 @@ def test_writable_helper_waits_on_any_descriptor() -> None:
     b"GET /p?q=1 HTTP/1.1\r\nHost: a.test\r\nUser-Agent:  ua/1 \r\nReferer: http://r.test/\r\n\r\n",
     b"GET / HTTP/1.0\r\nX-User-Agent: not-this\r\n\r\n",
     b"POST /x HTTP/1.1\r\nHost: b\r\nreferer:http://r/\"\r\nuser-agent: \xff\"\r\nUser-Agent: second\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n",  # wrk's
+    b"GET /a\\b HTTP/1.1\r\nHost: h\r\nX-Referer: no\r\nReferer:\t\r\nUser-Agent:x\r\n\r\n",
+    b"GET http://abs.test:81/p HTTP/1.1\r\nHost: ignored\r\n\r\n",
 ])
-def test_an_exchange_logs_what_its_record_fields_say(fmt: str, head: bytes) -> None:
+@pytest.mark.parametrize("rid", [None, b"3f9a1c2e7b0d4e51-1a"])
+@pytest.mark.parametrize("times", [(1000.001, 1000.002, 1000.003), (1000.001, 0.0, 1000.003),
+                                   (0.0, 0.0, 1000.003), (1000.001, 1000.002, 0.0)])
+def test_an_exchange_logs_what_its_record_fields_say(fmt: str, head: bytes, rid: Optional[bytes],
+                                                     times: Any) -> None:
     """The exchange fast path (fields read from the parsed head and the outcome objects) writes the
     very line the RECORD_FIELDS of the same exchange give."""
     from balrs.http.heads import parse_request_head
@@ -783,7 +790,8 @@ def test_an_exchange_logs_what_its_record_fields_say(fmt: str, head: bytes) -> N
     ex.failed = Attempts()
     ex.failed.retries = 2
     ex.status, ex.bytes_out, ex.end = 201, 99, "ok"
-    ex.t_connected, ex.t_response, ex.t_done = 1000.001, 1000.002, 1000.003
+    ex.t_connected, ex.t_response, ex.t_done = times
+    ex.request_id = rid
     rec = Rec(**{name: getattr(ex, name) for name in RECORD_FIELDS})
     line = make_formatter(fmt)
     assert line(ex) == line(rec)
