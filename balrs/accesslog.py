@@ -346,7 +346,7 @@ def _json_formatter() -> Callable[[Any], bytes]:
 
     def new_stamp(msec: int) -> bytes:
         sec = msec // 1000
-        head = seconds.get(sec) or new_second(sec)
+        head: Tuple[bytes, bytes] = seconds.get(sec) or new_second(sec)
         ms = _FRAC3[msec - sec * 1000]
         if len(stamps) >= STAMP_CACHE_SIZE:
             stamps.clear()
