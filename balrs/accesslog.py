@@ -17,8 +17,8 @@ Cost, on the loop thread (callgrind, CPython 3.11): a json line ~18 500 instruct
 and ~25 000 for a browser-like one, combined ~11 000, common ~9 000, ``LogSink.write`` ~2 000 (the
 writer thread's work is per batch, not per line). In CPython every field costs a few hundred
 instructions and a float conversion about a thousand, so the formatters check all client octets with
-one ``bytes.translate``, cache what repeats (time strings per second, the json time part per
-millisecond, client addresses, the outcome part), and avoid Python-level calls per field.
+one ``bytes.translate``, cache what repeats (time strings per second, client addresses, the outcome
+part), and avoid Python-level calls per field.
 """
 
 from __future__ import annotations
@@ -73,8 +73,6 @@ CLOSE_TIMEOUT = 1.0
 # recent seconds are hit), and client addresses and (pool, backend, route, retries, end) outcomes whose
 # encoded form is kept (a cache that fills is emptied: a miss only costs the encoding).
 TIME_CACHE_SECONDS = 16
-# The json line's time part is kept for this many milliseconds (as for seconds, a few recent ones).
-STAMP_CACHE_SIZE = 64
 NAME_CACHE_SIZE = 4096
 # RateLimitFilter: distinct messages tracked (least recently seen forgotten first).
 RATE_LIMIT_KEYS = 1024
@@ -199,15 +197,17 @@ def _clf_time(sec: int) -> bytes:
     )).encode("ascii")
 
 
-def _json_time(sec: int) -> Tuple[bytes, bytes]:
+def _json_time(sec: int) -> Tuple[bytes, bytes, int]:
     """The start of a json line around the milliseconds of ``time`` (which ``ts`` repeats, like nginx's
-    $msec): ``{"time":"2026-12-03T13:05:01.`` and ``+00:00","ts":1796303101.`` (ISO 8601, local time)."""
+    $msec): ``{"time":"2026-12-03T13:05:01.`` and ``+00:00","ts":1796303101.`` (ISO 8601, local time),
+    and the second in milliseconds (so that a line finds its milliseconds with one subtraction)."""
     tm = time.localtime(sec)
     sign, hh, mm = _offset(tm)
     return (
         ('{"time":"%04d-%02d-%02dT%02d:%02d:%02d.' % (
             tm.tm_year, tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec)).encode("ascii"),
         ('%s%02d:%02d","ts":%d.' % (sign, hh, mm, sec)).encode("ascii"),
+        sec * 1000,
     )
 
 
@@ -298,9 +298,9 @@ def _clf_formatter(combined: bool) -> Callable[[Any], bytes]:
     return line
 
 
-# The json line, after its time part ('{"time":"...","ts":...', made once per millisecond). Four values
-# are often absent: a variant of the line per combination prints null for them and swallows the argument
-# with %.0s, so that no present value needs quotes added.
+# The json line: its time part ('{"time":...,"ts":...'), then the fields. Four
+# values are often absent: a variant of the line per combination prints null for them and swallows the
+# argument with %.0s, so that no present value needs quotes added.
 _JSON_LINE = (
     b'%s,"client":"%s","method":"%s","protocol":%s,"host":"%s","user_agent":"%s","path":"%s",'
     b'"status":%s,"bytes_in":%d,"bytes_out":%d,"duration_ms":%.3f,"connect_ms":%.3f,"upstream_ms":%.3f,%s,'
@@ -337,21 +337,24 @@ _PROTOCOL_OF_MINOR = (b'"HTTP/1.0"', b'"HTTP/1.1"')
 
 def _json_formatter() -> Callable[[Any], bytes]:
     seconds, new_second = _per_second(_json_time)
-    # The whole time part ('{"time":"...","ts":...') by millisecond: at any rate where the log's cost
-    # matters, many lines share one.
-    stamps: Dict[int, bytes] = {}
+    # The time part of the last line's millisecond: under load many lines in a row share it, and one
+    # compare finds it (a dict of milliseconds cost a dict insert per new one, which at low rates or
+    # under valgrind is every line).
+    last_msec = -1
+    last_stamp = b""
     clients: Dict[Any, bytes] = {}
     # (pool, backend, route, retries, end) takes few values: that part of the line is made once each.
     outcomes: Dict[Tuple[Any, ...], bytes] = {}
 
-    def new_stamp(msec: int) -> bytes:
-        sec = msec // 1000
-        head: Tuple[bytes, bytes] = seconds.get(sec) or new_second(sec)
-        ms = _FRAC3[msec - sec * 1000]
-        if len(stamps) >= STAMP_CACHE_SIZE:
-            stamps.clear()
-        stamps[msec] = part = head[0] + ms + head[1] + ms
-        return part
+    def stamp_of(msec: int) -> bytes:
+        nonlocal last_msec, last_stamp
+        if msec != last_msec:
+            sec = msec // 1000
+            head = seconds.get(sec) or new_second(sec)
+            ms = _FRAC3[msec - head[2]]
+            last_stamp = head[0] + ms + head[1] + ms
+            last_msec = msec
+        return last_stamp
 
     def new_client(client: Any) -> bytes:
         _bounded(clients)[client] = part = _json_client(client)
@@ -370,8 +373,7 @@ def _json_formatter() -> Callable[[Any], bytes]:
 
     def record_line(r: Any) -> bytes:
         """The line of any record (RECORD_FIELDS): a refused request, an exchange off the fast path."""
-        msec = _floor(r.wall_start * 1000.0)
-        stamp = stamps.get(msec) or new_stamp(msec)
+        stamp = stamp_of(_floor(r.wall_start * 1000.0))
         client = clients.get(r.client) or new_client(r.client)
         key = (r.pool, r.backend, r.route, r.retries, r.end)
         outcome = outcomes.get(key) or new_outcome(key)
@@ -412,6 +414,7 @@ def _json_formatter() -> Callable[[Any], bytes]:
         """An exchange with its parsed head (EXCHANGE_FIELDS), answered by a backend: its fields read
         directly, without a property call each (those were half the cost of a line); anything else
         takes record_line."""
+        nonlocal last_msec, last_stamp
         req = r.req
         t_connected = r.t_connected
         t_response = r.t_response
@@ -431,7 +434,12 @@ def _json_formatter() -> Callable[[Any], bytes]:
         if host is None or wire.translate(_CLEAN) is not wire:
             return record_line(r)
         msec = _floor(r.wall_start * 1000.0)
-        stamp = stamps.get(msec) or new_stamp(msec)
+        if msec != last_msec:  # stamp_of's work, inline
+            sec = msec // 1000
+            head = seconds.get(sec) or new_second(sec)
+            ms = _FRAC3[msec - head[2]]
+            last_stamp = head[0] + ms + head[1] + ms
+            last_msec = msec
         client = clients.get(r.client) or new_client(r.client)
         failed = r.failed
         key = (r.be, r.pool_ref, r.route_ref, failed.retries if failed is not None else 0, r.end)
@@ -439,7 +447,7 @@ def _json_formatter() -> Callable[[Any], bytes]:
         t_start = r.t_start
         t_done = r.t_done
         return _JSON_LINES[2 * (agent is None) + 4 * (rid is None) + 8 * (referer is None)] % (
-            stamp, client, req.method, _PROTOCOL_OF_MINOR[req.minor], host, agent or b"", target,
+            last_stamp, client, req.method, _PROTOCOL_OF_MINOR[req.minor], host, agent or b"", target,
             _DEC[r.status], r.bytes_in, r.bytes_out,
             (t_done - t_start) * 1000.0 if t_done > t_start else 0.0,
             (t_connected - t_start) * 1000.0, (t_response - t_connected) * 1000.0,

@@ -229,6 +229,17 @@ def test_json_time_and_ts_agree() -> None:
         assert d["ts"] == pytest.approx(wall, abs=0.001) and d["ts"] <= wall  # milliseconds, like nginx $msec
 
 
+def test_json_time_of_each_line_with_one_formatter() -> None:
+    """The formatter keeps the last line's time part: lines out of order, in one millisecond, across a
+    second and back each show their own time."""
+    fmt = make_formatter("json")
+    for wall in (WALL, WALL + 0.0004, WALL + 0.001, WALL - 0.2, WALL + 1.0, WALL + 0.0001, WALL + 86400.0, WALL):
+        d = json.loads(fmt(Rec(wall_start=wall)))
+        expected = datetime.datetime.fromtimestamp(wall, datetime.timezone.utc)
+        assert d["time"] == expected.strftime("%Y-%m-%dT%H:%M:%S.") + "%03d+00:00" % (int(wall * 1000) % 1000)
+        assert d["ts"] == pytest.approx(wall, abs=0.001) and d["ts"] <= wall
+
+
 def test_json_time_offset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZ", "IST-5:30")
     time.tzset()
