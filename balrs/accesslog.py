@@ -646,25 +646,29 @@ class LogSink:
 
     def _take(self) -> bytes:
         """The next batch from the front of the buffer: whole lines, at most _batch_limit bytes (a longer
-        line alone), and never past a reopen; a reopen that is due is done first."""
+        line alone), and never past a reopen; a reopen that is due is done first (outside the lock:
+        closing the old file may take a while, and the loop thread's reopen() and flush() take it)."""
         buf = self._buf
-        with self._lock:
-            reopens = self._reopens
-            while reopens and reopens[0] <= self._taken:
-                reopens.popleft()
-                self._do_reopen()
-            end = len(buf)
-            if reopens:
-                end = min(end, reopens[0] - self._taken)
-            limit = self._batch_limit
-            if end > limit:
-                cut = buf.rfind(b"\n", 0, limit) + 1
-                end = cut or buf.find(b"\n", 0, end) + 1 or end
-            data = bytes(buf[:end])
-            del buf[:end]
-            self._taken += end
-            self._inflight = end
-        return data
+        while True:
+            with self._lock:
+                reopens = self._reopens
+                due = bool(reopens) and reopens[0] <= self._taken
+                if due:
+                    reopens.popleft()
+                else:
+                    end = len(buf)
+                    if reopens:
+                        end = min(end, reopens[0] - self._taken)
+                    limit = self._batch_limit
+                    if end > limit:
+                        cut = buf.rfind(b"\n", 0, limit) + 1
+                        end = cut or buf.find(b"\n", 0, end) + 1 or end
+                    data = bytes(buf[:end])  # a copy, then the front goes: no view of buf is ever held
+                    del buf[:end]
+                    self._taken += end
+                    self._inflight = end
+                    return data
+            self._do_reopen()
 
     def _write_batch(self) -> None:
         data = self._take()

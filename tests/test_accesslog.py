@@ -398,6 +398,29 @@ def test_reopen_after_rename(tmp_path: Path, sinks: List[LogSink]) -> None:
     assert file_lines(path) == [b"after", b"again"] and sink.dropped == 0
 
 
+def test_lines_racing_the_writer_land_once_in_order_across_reopens(tmp_path: Path, sinks: List[LogSink]) -> None:
+    """The loop appends while the writer takes batches off the front of the same buffer, and reopens
+    come in between: every line lands whole, once, in order, in the file that was current when it was
+    written."""
+    path = tmp_path / "access.log"
+    sink = LogSink(str(path))
+    sinks.append(sink)
+    expected: List[List[bytes]] = [[]]
+    for i in range(20000):
+        line = b"line %d %s\n" % (i, b"x" * (i % 97))
+        sink.write(line)
+        expected[-1].append(line.rstrip(b"\n"))
+        if i % 3000 == 2999:
+            assert wait_for(path.exists)  # logrotate renames again only after the last reopen happened
+            os.rename(path, tmp_path / ("access.log.%d" % len(expected)))
+            sink.reopen()
+            expected.append([])
+    assert sink.flush(10.0) and sink.dropped == 0 and sink.buffered == 0
+    for n, lines in enumerate(expected[:-1], 1):
+        assert file_lines(tmp_path / ("access.log.%d" % n)) == lines
+    assert file_lines(path) == expected[-1]
+
+
 def test_reopen_before_any_line(tmp_path: Path, sinks: List[LogSink]) -> None:
     path = tmp_path / "access.log"
     sink = LogSink(str(path))
