@@ -346,16 +346,6 @@ def _json_formatter() -> Callable[[Any], bytes]:
     # (pool, backend, route, retries, end) takes few values: that part of the line is made once each.
     outcomes: Dict[Tuple[Any, ...], bytes] = {}
 
-    def stamp_of(msec: int) -> bytes:
-        nonlocal last_msec, last_stamp
-        if msec != last_msec:
-            sec = msec // 1000
-            head = seconds.get(sec) or new_second(sec)
-            ms = _FRAC3[msec - head[2]]
-            last_stamp = head[0] + ms + head[1] + ms
-            last_msec = msec
-        return last_stamp
-
     def new_client(client: Any) -> bytes:
         _bounded(clients)[client] = part = _json_client(client)
         return part
@@ -371,9 +361,9 @@ def _json_formatter() -> Callable[[Any], bytes]:
         _bounded(outcomes)[key] = part = outcomes.get(names) or new_outcome(names)
         return part
 
-    def record_line(r: Any) -> bytes:
-        """The line of any record (RECORD_FIELDS): a refused request, an exchange off the fast path."""
-        stamp = stamp_of(_floor(r.wall_start * 1000.0))
+    def record_line(r: Any, stamp: bytes) -> bytes:
+        """The line of any record (RECORD_FIELDS), a refused request or an exchange off the fast path,
+        with its time part (from line())."""
         client = clients.get(r.client) or new_client(r.client)
         key = (r.pool, r.backend, r.route, r.retries, r.end)
         outcome = outcomes.get(key) or new_outcome(key)
@@ -415,31 +405,29 @@ def _json_formatter() -> Callable[[Any], bytes]:
         directly, without a property call each (those were half the cost of a line); anything else
         takes record_line."""
         nonlocal last_msec, last_stamp
-        req = r.req
-        t_connected = r.t_connected
-        t_response = r.t_response
-        if req is None or not t_response or not t_connected:
-            return record_line(r)
-        host = req.host
-        target = req.target
-        # _agent_referer's work, inline (the call costs as much as ~4% of the line)
-        low = req.low
-        i = low.find(b"\nuser-agent:")
-        agent = None if i < 0 else req.raw[i + 12:low.index(b"\r", i + 12)].strip(b" \t")
-        i = low.find(b"\nreferer:")
-        referer = None if i < 0 else req.raw[i + 9:low.index(b"\r", i + 9)].strip(b" \t")
-        # The method is a token and a request id valid or made here: plain; the rest is checked.
-        wire = target + host if agent is None and referer is None and host is not None else b"".join(
-            (target, host or b"", agent or b"", referer or b""))
-        if host is None or wire.translate(_CLEAN) is not wire:
-            return record_line(r)
         msec = _floor(r.wall_start * 1000.0)
-        if msec != last_msec:  # stamp_of's work, inline
+        if msec != last_msec:
             sec = msec // 1000
             head = seconds.get(sec) or new_second(sec)
             ms = _FRAC3[msec - head[2]]
             last_stamp = head[0] + ms + head[1] + ms
             last_msec = msec
+        stamp = last_stamp
+        req = r.req
+        t_connected = r.t_connected
+        t_response = r.t_response
+        if req is None or not t_response or not t_connected:
+            return record_line(r, stamp)
+        host = req.host
+        if host is None:
+            return record_line(r, stamp)
+        target = req.target
+        agent, referer = _agent_referer(req)
+        # The method is a token and a request id valid or made here: plain; the rest is checked.
+        wire = target + host if agent is None and referer is None else b"".join(
+            (target, host, agent or b"", referer or b""))
+        if wire.translate(_CLEAN) is not wire:
+            return record_line(r, stamp)
         client = clients.get(r.client) or new_client(r.client)
         failed = r.failed
         key = (r.be, r.pool_ref, r.route_ref, failed.retries if failed is not None else 0, r.end)
@@ -447,7 +435,7 @@ def _json_formatter() -> Callable[[Any], bytes]:
         t_start = r.t_start
         t_done = r.t_done
         return _JSON_LINES[2 * (agent is None) + 4 * (rid is None) + 8 * (referer is None)] % (
-            last_stamp, client, req.method, _PROTOCOL_OF_MINOR[req.minor], host, agent or b"", target,
+            stamp, client, req.method, _PROTOCOL_OF_MINOR[req.minor], host, agent or b"", target,
             _DEC[r.status], r.bytes_in, r.bytes_out,
             (t_done - t_start) * 1000.0 if t_done > t_start else 0.0,
             (t_connected - t_start) * 1000.0, (t_response - t_connected) * 1000.0,
@@ -747,7 +735,7 @@ def _writable(fd: int, timeout: float) -> bool:
 def _lines_not_written(data: bytes, done: int) -> int:
     """How many lines of the batch ``data`` did not get out whole when ``done`` bytes were written (a
     line ends with its b"\\n"; an unterminated tail counts as one)."""
-    rest = data[data.rfind(b"\n", 0, done) + 1:] if done else data
+    rest = data[data.rfind(b"\n", 0, done) + 1:]
     return rest.count(b"\n") + (1 if rest and not rest.endswith(b"\n") else 0)
 
 
