@@ -6,6 +6,9 @@ O(ready events + due timers), never O(connections): the select timeout is the ti
 occupied slot, so an idle balancer sleeps. Signal handlers only record: ``signal.set_wakeup_fd`` writes
 the signal number to a socket the loop watches, and the loop calls the handler between events
 (STYLE habit 11, like gunicorn's arbiter).
+
+Writes are corked for the turn: a transport's small writes wait in ``corked`` and go out, one send per
+transport, before the loop polls again (``uncork``), so what one turn writes to a peer wakes it once.
 """
 
 from __future__ import annotations
@@ -129,6 +132,9 @@ class Reactor:
         self._wakeup_w: Optional[socket.socket] = None
         self._old_wakeup_fd = -1
         self._soon: List[Callable[[], object]] = []
+        # Transports whose writes wait for the end of the turn (transport.Transport.write, corking):
+        # each has an ``uncork()`` method.
+        self.corked: List[Any] = []
         # Callbacks handed over by other threads (the resolver): a deque append is atomic, and a byte
         # on a socket pair wakes the loop up.
         self._threadsafe: Deque[Callable[[], object]] = deque()
@@ -235,7 +241,7 @@ class Reactor:
 
     def run(self) -> None:
         """Run until :meth:`stop`. Each turn: select until the next timer is due, dispatch ready file
-        descriptors, then fire due timers."""
+        descriptors, fire due timers, then send what the turn wrote (corked transports)."""
         self._running = True
         sel = self.selector
         if not isinstance(sel, EpollSelector):
@@ -248,11 +254,13 @@ class Reactor:
         clock = self.clock
         soon = self._soon
         now = self.now
+        if self.corked:
+            self.uncork()  # written before the loop started
         while self._running:
             # The poll timeout, from the wheel's cached wake-up when it is known (most turns): epoll
             # rounds it up to whole milliseconds itself, so a timer is never polled for too early.
             wake = wheel.wake_at
-            if soon:
+            if soon or self.corked:
                 timeout = 0.0
             elif now < wake < now + _MAX_TIMEOUT:
                 timeout = wake - now
@@ -282,7 +290,19 @@ class Reactor:
             if now >= wheel.wake_at:
                 # Before wake_at nothing is due: the wheel's cursor may lag, which run() jumps over.
                 wheel.run(now)
+            if self.corked:
+                # The end of the turn: what it wrote goes out (before the loop may stop or sleep).
+                self.uncork()
             now = self.now
+        if self.corked:
+            self.uncork()  # written by the last uncork's callbacks
+
+    def uncork(self) -> None:
+        """The end of a turn: send what each corked transport was given during it."""
+        batch = self.corked
+        self.corked = []
+        for t in batch:
+            t.uncork()
 
     def _run_soon(self) -> None:
         """The callbacks deferred during this turn (call_soon), in order; those they defer wait a turn."""
@@ -301,8 +321,10 @@ class Reactor:
         wheel = self.wheel
         clock = self.clock
         soon = self._soon
+        if self.corked:
+            self.uncork()
         while self._running:
-            timeout = 0.0 if soon else wheel.next_timeout(self.now)
+            timeout = 0.0 if soon or self.corked else wheel.next_timeout(self.now)
             events = select(timeout)
             self.now = now = clock()
             for key, mask in events:
@@ -313,6 +335,10 @@ class Reactor:
             if soon:
                 self._run_soon()
             wheel.run(now)
+            if self.corked:
+                self.uncork()
+        if self.corked:
+            self.uncork()
 
     def close(self) -> None:
         self.remove_signal_handlers()

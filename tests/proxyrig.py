@@ -559,7 +559,7 @@ class Rig:
         propagate (a test should see them). Returns how many fds were ready."""
         reactor = self.reactor
         now = reactor.now = self.clock.now
-        if reactor._soon or reactor.wheel.next_timeout(now) == 0.0:
+        if reactor._soon or reactor.corked or reactor.wheel.next_timeout(now) == 0.0:
             timeout = 0.0
         selector = reactor.selector
         events = selector.select(timeout)
@@ -586,6 +586,7 @@ class Rig:
             for cb in batch:
                 cb()
         reactor.wheel.run(now)
+        reactor.uncork()  # the end of the turn: corked writes go out
         return len(events)
 
     def turn_until(self, cond: Callable[[], Any], real_timeout: float = REAL_TIMEOUT, what: str = "") -> None:

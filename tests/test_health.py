@@ -109,6 +109,7 @@ class Rig:
         self._soon()
         self.reactor.now = self.clock.now
         self.reactor.wheel.run(self.clock.now)
+        self.reactor.uncork()  # the end of the turn, as Reactor.run ends it
         return len(events)
 
     def io(self, until: Callable[[], Any], real_timeout: float = 5.0) -> None:

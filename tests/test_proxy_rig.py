@@ -152,6 +152,7 @@ class Rig:
             for cb in batch:
                 cb()
         self.reactor.wheel.run(self.clock.now)
+        self.reactor.uncork()  # the end of the turn, as Reactor.run ends it
         return len(events)
 
     def turn_until(self, cond: Callable[[], Any], real_timeout: float = 5.0) -> None:
