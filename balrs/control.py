@@ -138,8 +138,8 @@ class Channel(Protocol):
         return self.tr.sock
 
     def send(self, msg: Dict[str, Any]) -> bool:
-        """Queue ``msg`` and send what the socket takes now. False if the channel is closed, or broken
-        (a failed send closes it from the loop)."""
+        """Queue ``msg``; it goes out at the end of the loop turn (the transport corks small writes).
+        False if the channel is closed, or broken (a failed send closes it from the loop)."""
         if self.closed:
             return False
         tr = self.tr

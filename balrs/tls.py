@@ -430,6 +430,8 @@ class TLSTransport(Transport):
                 pass  # SSLWantReadError: sent, the peer's reply is not awaited
 
     def shutdown_write(self) -> None:
+        if self.corked:
+            self._push_cork(False)
         if not self.wr_closed:
             self.wr_closed = True
             self._close_notify()
@@ -439,6 +441,8 @@ class TLSTransport(Transport):
                 pass
 
     def close(self) -> None:
+        if self.corked:
+            self._push_cork(True)
         if not self.closed and not self.out:
             self._close_notify()
         super().close()

@@ -56,6 +56,10 @@ HIGH_WATER = 262144
 LOW_WATER = 65536
 # sendmsg() gathers at most this many queued buffers per call (IOV_MAX is 1024 on Linux).
 MAX_IOV = 64
+# Writes smaller than this, to an idle stream, wait for the end of the loop turn (corking): what one
+# turn writes to a stream goes out in one send, after the turn's other work, so the peers sleeping on
+# those sockets are woken once per turn. Larger writes (bodies) go out at once.
+CORK_LIMIT = 16384
 
 # timer_when while no timer is set.
 _NEVER = float("inf")
@@ -168,7 +172,7 @@ class Transport:
     """A non-blocking stream socket on a reactor (see the module docstring)."""
 
     __slots__ = ("reactor", "sock", "fd", "protocol", "events", "out", "out_bytes", "read_size", "reading",
-                 "connecting", "wr_closed", "closed", "broken", "last_write", "timer", "timer_when",
+                 "connecting", "wr_closed", "closed", "broken", "corked", "last_write", "timer", "timer_when",
                  "preamble", "_io", "_timer_cb", "_reader", "pipe", "pipe_keep", "__weakref__")
 
     # Whether bytes can be spliced into or out of this transport's socket (not through TLS).
@@ -202,6 +206,7 @@ class Transport:
         self.wr_closed = False        # our FIN is sent, or sending failed: writes are dropped
         self.closed = False
         self.broken = False           # a send failed; connection_lost is on its way
+        self.corked = False           # ``out`` holds writes waiting for the end of the turn (uncork)
         self.last_write = reactor.now  # the last time the peer took bytes (the send-stall clock)
         self.timer = None
         self.timer_when = _NEVER  # when the timer fires; _NEVER while none is set
@@ -381,12 +386,22 @@ class Transport:
 
     # ---- writing ----
     def write(self, data: Chunk) -> None:
-        """Send now if nothing is queued; queue what the socket does not take."""
+        """Queue what the socket does not take. A small write to an idle stream waits for the end of
+        the turn (corked: see :meth:`uncork`); anything else is sent now if nothing is queued."""
         if self.wr_closed:
             return
         if self.out_bytes or self.connecting:
             self.out.append(data)
             self.out_bytes += len(data)
+            if self.corked and self.out_bytes >= CORK_LIMIT:
+                self._push_cork(False)
+        elif len(data) < CORK_LIMIT:
+            self.out.append(data)
+            self.out_bytes = len(data)
+            self.corked = True
+            self.last_write = self.reactor.now
+            self.reactor.corked.append(self)
+            return
         else:
             try:
                 n = self.sock.send(data)
@@ -401,6 +416,42 @@ class Transport:
             self._start_queue(memoryview(data)[n:] if n else data, left)
         if self.out_bytes > HIGH_WATER:
             self.protocol.pause_writing()
+
+    def uncork(self) -> None:
+        """End of the loop turn (the reactor calls it): send what this turn wrote. The protocol hears
+        ``write_drained`` when it all went, ``write_queued`` when the peer did not take it all."""
+        if not self.corked:
+            return
+        try:
+            self._push_cork(False)
+            if not self.out and not self.closed and not self.broken:
+                self.protocol.write_drained()
+        except Exception:
+            self.protocol.internal_error()
+
+    def _push_cork(self, quiet: bool) -> None:
+        """Send the corked bytes (only Chunks, not registered for EVENT_WRITE) in one call; queue the
+        rest. ``quiet``: the stream is closing, so tell the protocol nothing and queue nothing."""
+        self.corked = False
+        out = self.out
+        try:
+            if len(out) == 1:
+                data = out[0]
+                n = self.sock.send(data)
+            else:
+                data = b"".join(out)
+                n = self.sock.send(data)
+        except self._WOULD_BLOCK:
+            n = 0
+        except OSError as exc:
+            if not quiet:
+                self._send_failed(exc)
+            return
+        out.clear()
+        left = self.out_bytes - n
+        self.out_bytes = 0
+        if left and not quiet:
+            self._start_queue(memoryview(data)[n:] if n else data, left)
 
     def _start_queue(self, rest: Any, left: int) -> None:
         """A send left ``left`` bytes (``rest``, a Chunk or Piped) on an empty queue: queue them and
@@ -430,6 +481,7 @@ class Transport:
     def take_queue(self) -> Tuple[Deque[Chunk], int]:
         """The unsent bytes, removed from this transport (to go out on another connection)."""
         out, n = self.out, self.out_bytes
+        self.corked = False
         self.out = deque()
         self.out_bytes = 0
         return out, n
@@ -514,6 +566,10 @@ class Transport:
         done with :meth:`splice_done`."""
         if self.wr_closed or self.closed:
             return SPLICE_OFF
+        if self.corked:
+            self._push_cork(False)  # the queue holds no Piped entry while corked
+            if self.broken:
+                return SPLICE_OFF
         pipe = self.pipe
         if pipe is None:
             try:
@@ -579,6 +635,7 @@ class Transport:
             return
         self.broken = True
         self.wr_closed = True
+        self.corked = False
         self.out.clear()
         self.out_bytes = 0
         self._drop_pipe()  # what it holds will never go out
@@ -602,7 +659,9 @@ class Transport:
 
     # ---- closing ----
     def shutdown_write(self) -> None:
-        """Send our FIN (once); the read side stays open (half-close)."""
+        """Send our FIN (once), after this turn's writes; the read side stays open (half-close)."""
+        if self.corked:
+            self._push_cork(False)
         if not self.wr_closed:
             self.wr_closed = True
             try:
@@ -614,6 +673,8 @@ class Transport:
         """Unregister, cancel the timer, close the socket, drop the queue. Idempotent."""
         if self.closed:
             return
+        if self.corked:
+            self._push_cork(True)  # this turn's writes go out as they would have before the close
         self.closed = True
         self.reading = False
         self.disarm()

@@ -60,18 +60,32 @@ def read_all(s: socket.socket) -> bytes:
 
 
 def test_bytes_go_through_and_each_answer_means_what_it_says(rig) -> None:
-    _reactor, src, src_peer, tr, dst_peer, _proto = rig
+    reactor, src, src_peer, tr, dst_peer, _proto = rig
     assert tr.splice_from(src.fileno(), 1000) == SPLICE_WAIT  # nothing to read yet
     src_peer.sendall(b"x" * 5000)
     assert tr.splice_from(src.fileno(), 3000) == 3000  # no more than asked
     assert tr.splice_from(src.fileno(), 3000) == 2000
     assert read_all(dst_peer) == b"x" * 5000
     tr.write(b"after")
+    assert read_all(dst_peer) == b""  # corked until the end of the loop turn
+    reactor.uncork()
     assert read_all(dst_peer) == b"after"
     src_peer.shutdown(socket.SHUT_WR)
     assert tr.splice_from(src.fileno(), 3000) == 0  # the source's end of stream
     tr.splice_done()
     assert tr.pipe is None
+
+
+def test_a_corked_head_goes_out_before_the_spliced_body(rig) -> None:
+    reactor, src, src_peer, tr, dst_peer, _proto = rig
+    tr.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n")
+    assert tr.corked
+    src_peer.sendall(b"y" * 5000)
+    assert tr.splice_from(src.fileno(), 5000) == 5000
+    assert not tr.corked
+    assert read_all(dst_peer) == b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"y" * 5000
+    reactor.uncork()  # nothing left to send
+    assert read_all(dst_peer) == b""
 
 
 def test_what_the_peer_does_not_take_waits_in_order(rig) -> None:

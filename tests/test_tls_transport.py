@@ -140,3 +140,42 @@ def test_handshake_deadline_closes_a_silent_client(loop: Loop, pki: PKI, tmp_pat
     assert rec.calls, "no callback after the handshake deadline"
     tr.close()
     theirs.close()
+
+
+def test_half_close_sends_the_corked_answer_before_close_notify(pki: PKI, loop: Loop) -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(REAL_TIMEOUT)
+    server = ServerTLS(TLSConfig(certs=(str(pki.crt("a.test")),), keys=(str(pki.key("a.test")),)), "lb.ini")
+    rec = Rec()
+    tr = server.accept(loop.reactor, ours, rec, read_size=4096)
+    got = bytearray()
+    errors: List[BaseException] = []
+
+    def client() -> None:
+        try:
+            tls = pki.client_ctx().wrap_socket(theirs, server_hostname="a.test")
+            tls.sendall(b"question")
+            while True:
+                piece = tls.recv(100)   # b"" at the close_notify
+                if not piece:
+                    break
+                got.extend(piece)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def answer(data: bytes) -> None:
+        rec.data += data
+        tr.write(b"the answer")   # corked: after the turn's work...
+        assert tr.corked
+        tr.shutdown_write()       # ...unless the stream ends first: the bytes go before the alert
+
+    rec.data_received = answer  # type: ignore[method-assign]
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    assert loop.spin(lambda: rec.data == b"question"), (rec.calls, errors)
+    t.join(REAL_TIMEOUT)
+    assert not t.is_alive() and not errors, errors
+    assert bytes(got) == b"the answer"
+    tr.close()
+    theirs.close()

@@ -24,7 +24,7 @@ from balrs.config import Address
 from balrs.control import Channel, encode_frame
 from balrs.health import MAX_PROBE_HEAD, P_IDLE, P_READING, _Probe, probe_request
 from balrs.reactor import EVENT_READ, EVENT_WRITE, Reactor
-from balrs.transport import HIGH_WATER, LOW_WATER, Protocol, Transport, connect
+from balrs.transport import CORK_LIMIT, HIGH_WATER, LOW_WATER, Protocol, Transport, connect
 
 HOST = "127.0.0.1"
 # The longest any test waits for a real socket event.
@@ -222,8 +222,148 @@ def test_a_write_the_socket_takes_whole_queues_nothing(loop: Loop, pair: Tuple[s
     rec = Rec()
     tr = Transport(loop.reactor, ours, rec)
     tr.write_parts([b"one ", memoryview(b"two "), b"three"])
-    assert tr.queued == 0 and rec.calls == [] and loop.registered(tr.fd) == EVENT_READ
+    # Small: corked until the end of the turn, not registered for writing.
+    assert tr.corked and tr.queued == 13 and rec.calls == [] and loop.registered(tr.fd) == EVENT_READ
+    loop.reactor.uncork()
+    assert not tr.corked and tr.queued == 0 and rec.calls == ["drained"] and loop.registered(tr.fd) == EVENT_READ
     assert theirs.recv(100) == b"one two three"
+    tr.close()
+
+
+class CountingSocket:
+    """A real socket that counts the sends made on it (to see how many a turn's writes took)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sends: List[int] = []
+
+    def send(self, data: Any) -> int:
+        n = self.sock.send(data)
+        self.sends.append(n)
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def counted(tr: Transport) -> CountingSocket:
+    spy = CountingSocket(tr.sock)
+    tr.sock = cast(Any, spy)
+    return spy
+
+
+def test_the_small_writes_of_one_turn_go_out_in_one_send_at_its_end(
+        loop: Loop, pair: Tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    rec = Rec()
+    tr = Transport(loop.reactor, ours, rec)
+    spy = counted(tr)
+    theirs.sendall(b"ping")
+    # The protocol answers from data_received with three writes: one send, after the callback.
+    rec.data_received = lambda data: (tr.write(b"HTTP/1.1 200 OK\r\n"), tr.write(b"a: b\r\n\r\n"),  # type: ignore[method-assign]
+                                      tr.write(b"body"))
+    loop.turn()
+    assert spy.sends == [len(b"HTTP/1.1 200 OK\r\na: b\r\n\r\nbody")] and tr.queued == 0
+    assert theirs.recv(100) == b"HTTP/1.1 200 OK\r\na: b\r\n\r\nbody"
+    assert loop.reactor.corked == [] and loop.registered(tr.fd) == EVENT_READ
+    tr.close()
+
+
+def test_a_large_write_goes_out_at_once_after_what_is_corked(
+        loop: Loop, pair: Tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    rec = Rec()
+    tr = Transport(loop.reactor, ours, rec)
+    spy = counted(tr)
+    big = b"x" * CORK_LIMIT
+    tr.write(big)   # not corked: sent now
+    assert spy.sends == [CORK_LIMIT] and not tr.corked and tr.queued == 0
+    tr.write(b"head\r\n")
+    assert spy.sends == [CORK_LIMIT] and tr.corked
+    tr.write(big)   # the corked bytes reach the limit: both go now, in order, in one send
+    assert spy.sends == [CORK_LIMIT, CORK_LIMIT + 6] and not tr.corked and tr.queued == 0
+    got = bytearray()
+    while len(got) < 2 * CORK_LIMIT + 6:
+        got += theirs.recv(65536)
+    assert bytes(got) == big + b"head\r\n" + big
+    loop.reactor.uncork()   # nothing left: no send, no callback
+    assert spy.sends == [CORK_LIMIT, CORK_LIMIT + 6] and rec.calls == []
+    tr.close()
+
+
+def test_close_and_half_close_send_what_is_corked_first(loop: Loop) -> None:
+    for how in ("close", "shutdown_write"):
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.settimeout(REAL_TIMEOUT)
+        rec = Rec()
+        tr = Transport(loop.reactor, ours, rec)
+        tr.write(b"last words")
+        assert tr.corked
+        getattr(tr, how)()
+        got = bytearray()
+        while True:
+            piece = theirs.recv(100)
+            if not piece:
+                break
+            got += piece
+        assert bytes(got) == b"last words", how
+        assert not tr.corked
+        loop.reactor.uncork()   # already sent: the list's entry does nothing
+        assert rec.calls == [], how
+        tr.close()
+        ours.close()
+        theirs.close()
+
+
+def test_a_stop_from_the_end_of_the_turn_ends_the_loop_at_once(
+        loop: Loop, pair: Tuple[socket.socket, socket.socket]) -> None:
+    """The turn's writes go out before the loop polls again; a stop they cause (a drain whose last
+    response went out) ends the loop there instead of after the next poll."""
+    import threading
+    ours, theirs = pair
+    rec = Rec()
+    reactor = loop.reactor
+    tr = Transport(reactor, ours, rec)
+    rec.data_received = lambda data: tr.write(b"bye")  # type: ignore[method-assign]
+    rec.write_drained = reactor.stop  # type: ignore[method-assign]
+    reactor.call_later(3600.0, lambda: None)  # the next poll would wait for this (fake) hour
+    reactor.enable_threadsafe()
+    backstop: List[int] = []
+    ended = threading.Event()
+    # Bounded: if the loop polled again, this wakes it up after REAL_TIMEOUT (and the test fails).
+    threading.Thread(target=lambda: ended.wait(REAL_TIMEOUT) or reactor.call_soon_threadsafe(
+        lambda: (backstop.append(1), reactor.stop())), daemon=True).start()
+    theirs.sendall(b"last request")
+    reactor.run()
+    ended.set()
+    assert backstop == [] and theirs.recv(100) == b"bye"
+    tr.close()
+
+
+def test_corked_bytes_the_peer_cannot_take_are_queued(loop: Loop, pair: Tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    rec = Rec()
+    tr = Transport(loop.reactor, ours, rec)
+    filler = 0
+    while True:   # fill the socket buffer behind the transport's back
+        try:
+            filler += ours.send(b"f" * 65536)
+        except BlockingIOError:
+            break
+    tr.write(b"after the filler")
+    loop.reactor.uncork()
+    assert rec.calls == ["queued"] and tr.queued == 16 and loop.registered(tr.fd) == EVENT_READ | EVENT_WRITE
+    tr.write(b", then this")   # behind the queue
+    got = bytearray()
+    end = time.monotonic() + REAL_TIMEOUT
+    while "drained" not in rec.calls:
+        assert time.monotonic() < end, "the queue never drained"
+        drain_into(theirs, got)
+        loop.turn()
+    drain_into(theirs, got)
+    assert bytes(got) == b"f" * filler + b"after the filler, then this"
+    assert rec.calls == ["queued", "drained"] and loop.registered(tr.fd) == EVENT_READ
     tr.close()
 
 
@@ -262,6 +402,7 @@ def test_peer_half_close_leaves_our_write_side_open(loop: Loop, pair: Tuple[sock
     tr.pause_reading()   # as a protocol does after EOF: no more read events
     assert loop.registered(tr.fd) == 0
     tr.write(b"answer")
+    loop.turn()
     assert theirs.recv(100) == b"answer"
     tr.close()
 
@@ -272,7 +413,10 @@ def test_connection_lost_comes_from_the_loop_after_epipe(loop: Loop, pair: Tuple
     tr = Transport(loop.reactor, ours, rec)
     theirs.close()
     tr.write(b"to nobody")
-    # Not inside write(): the code that wrote finishes its step on a connection that is still whole.
+    tr.write(b"more")
+    assert tr.corked and rec.calls == []
+    loop.reactor.uncork()   # the end of the turn: the send fails
+    # Not inside the send: the code that runs next in the turn sees a connection that is still whole.
     assert rec.calls == [] and tr.broken and tr.wr_closed and not tr.closed
     assert loop.registered(tr.fd) == 0   # stopped reading and writing
     tr.write(b"again")   # dropped: no second failure
@@ -703,6 +847,8 @@ def test_channel_send_to_a_closed_peer_closes_once_from_the_loop(
     closes: List[int] = []
     ch = Channel(loop.reactor, ours, lambda msg: None, lambda: closes.append(1))
     theirs.close()
+    assert ch.send({"op": "snapshot"}) is True    # corked: sent at the end of the turn
+    loop.reactor.uncork()
     assert ch.send({"op": "snapshot"}) is False   # broken: the close follows from the loop
     assert closes == []
     loop.turn()
